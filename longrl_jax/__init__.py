@@ -1,0 +1,1 @@
+"""longrl_jax: long-video RL for vision-language models in JAX/Flax NNX."""

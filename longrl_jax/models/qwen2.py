@@ -1,0 +1,140 @@
+"""Qwen2 decoder in Flax NNX: GQA with q/k/v bias, rotate-half RoPE, RMSNorm, SwiGLU MLP.
+
+Attention is pluggable (`attn_fn`) so the MR-SP sequence-parallel strategies can replace the dense
+reference without touching the layer code. Inputs are token ids or already spliced embeddings
+(a video placed at its placeholder), so rollout and training use the identical sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from longrl_jax.models.config import LLMConfig
+from longrl_jax.models.layers import (Einsum, Embed, RMSNorm, apply_rope, dense_attention,
+                                      rope_cos_sin)
+
+# attn_fn(q [B,T,N,H], k [B,S,K,H], v [B,S,K,H], *, causal, kv_valid_bs) -> [B,T,N,H]
+AttnFn = Callable[..., jax.Array]
+
+
+class Qwen2Attention(nnx.Module):
+
+    def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.q_proj = Einsum("BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "head_dim"),
+                             bias_axes=("heads", "head_dim"), **kw)
+        self.k_proj = Einsum("BSD,DKH->BSKH", (d, k, h), ("embed", "kv_heads", "head_dim"),
+                             bias_axes=("kv_heads", "head_dim"), **kw)
+        self.v_proj = Einsum("BSD,DKH->BSKH", (d, k, h), ("embed", "kv_heads", "head_dim"),
+                             bias_axes=("kv_heads", "head_dim"), **kw)
+        self.o_proj = Einsum("BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"), **kw)
+
+    def __call__(self, x_btd, cos_bth, sin_bth, kv_valid_bs, attn_fn: AttnFn):
+        q_btnh = apply_rope(self.q_proj(x_btd), cos_bth, sin_bth)
+        k_bskh = apply_rope(self.k_proj(x_btd), cos_bth, sin_bth)
+        v_bskh = self.v_proj(x_btd)
+        out_btnh = attn_fn(q_btnh, k_bskh, v_bskh, causal=True, kv_valid_bs=kv_valid_bs)
+        return self.o_proj(out_btnh)
+
+
+class Qwen2MLP(nnx.Module):
+
+    def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.gate_proj = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), **kw)
+        self.up_proj = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), **kw)
+        self.down_proj = Einsum("BTF,FD->BTD", (f, d), ("mlp", "embed"), **kw)
+
+    def __call__(self, x_btd):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd))
+
+
+class Qwen2Block(nnx.Module):
+
+    def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.self_attn = Qwen2Attention(cfg, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
+                                                param_dtype=param_dtype)
+        self.mlp = Qwen2MLP(cfg, **kw)
+
+    def __call__(self, x_btd, cos_bth, sin_bth, kv_valid_bs, attn_fn: AttnFn):
+        x_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), cos_bth, sin_bth, kv_valid_bs,
+                                       attn_fn)
+        return x_btd + self.mlp(self.post_attention_layernorm(x_btd))
+
+
+class Qwen2ForCausalLM(nnx.Module):
+    """`model(input_ids) -> logits [B, T, V]`; `hidden_states(...)` and `logits(...)` split the
+    two halves so response-only log-probs never project the whole sequence onto the vocabulary."""
+
+    def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32, remat: bool = False):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.remat = remat
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
+        self.layers = nnx.List([Qwen2Block(cfg, **kw) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Einsum("BTD,DV->BTV", (cfg.hidden_size, cfg.vocab_size),
+                                  ("embed", "vocab"), **kw)
+        self.attn_fn: AttnFn = dense_attention
+
+    def embed(self, input_ids_bt: jax.Array) -> jax.Array:
+        return self.embed_tokens(input_ids_bt)
+
+    def hidden_states(self, input_ids_bt: jax.Array | None = None, *,
+                      inputs_embeds_btd: jax.Array | None = None,
+                      positions_bt: jax.Array | None = None,
+                      attention_mask_bt: jax.Array | None = None) -> jax.Array:
+        """Final-norm hidden states [B, T, D]."""
+        if (input_ids_bt is None) == (inputs_embeds_btd is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x_btd = self.embed(input_ids_bt) if inputs_embeds_btd is None else inputs_embeds_btd
+        x_btd = x_btd.astype(self.dtype)
+        b, t = x_btd.shape[:2]
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        cos, sin = rope_cos_sin(positions_bt, self.cfg.head_dim, self.cfg.rope_theta,
+                                self.cfg.rope_scaling_factor)
+        cos, sin = cos.astype(self.dtype), sin.astype(self.dtype)
+        attn_fn = self.attn_fn
+
+        def block(layer, x_btd, cos, sin, mask_bt):
+            return layer(x_btd, cos, sin, mask_bt, attn_fn)
+
+        if self.remat:
+            block = nnx.remat(block)
+        for layer in self.layers:
+            x_btd = block(layer, x_btd, cos, sin, attention_mask_bt)
+        return self.norm(x_btd)
+
+    def logits(self, h_btd: jax.Array) -> jax.Array:
+        if self.lm_head is None:
+            return self.embed_tokens.attend(h_btd)
+        return self.lm_head(h_btd)
+
+    def __call__(self, input_ids_bt: jax.Array | None = None, *,
+                 inputs_embeds_btd: jax.Array | None = None,
+                 positions_bt: jax.Array | None = None,
+                 attention_mask_bt: jax.Array | None = None) -> jax.Array:
+        h = self.hidden_states(input_ids_bt, inputs_embeds_btd=inputs_embeds_btd,
+                               positions_bt=positions_bt, attention_mask_bt=attention_mask_bt)
+        return self.logits(h)
+
+
+def token_logprobs(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
+    """log p(target) from logits, in float32."""
+    logp = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, targets_bt[..., None], axis=-1)[..., 0]

@@ -1,0 +1,1 @@
+"""Parallelism: the device mesh and logical sharding rules (mesh.py); MR-SP (sequence.py)."""

@@ -1,0 +1,1 @@
+"""Rollout server: PyTorch + vLLM behind gRPC. Imports nothing from JAX."""
