@@ -270,6 +270,21 @@ class ModelConfig:
             raise ConfigError("an LLM-only model has no frames")
         return self.projector.tokens_per_frame(self.vision)
 
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        try:
+            llm = LLMConfig(**d.pop("llm"))
+            vision, proj = d.pop("vision", None), d.pop("projector", None)
+            vision = VisionConfig(**vision) if vision else None
+            proj = ProjectorConfig(**proj) if proj else None
+            return cls(llm=llm, vision=vision, projector=proj, **d)
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"invalid model config: {e}") from None
+
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
 

@@ -122,7 +122,8 @@ def create_sharded(ctor: Callable[[], nnx.Module], mesh: Mesh,
     return nnx.merge(graphdef, state)
 
 
-def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:
-    """Sharding of a [B, ...] input batch: B over the 'batch' rule's axes, the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(dict(rules).get("batch"), *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, shape: Sequence[int], rules: Rules = DEFAULT_RULES,
+                   leading: str = "batch") -> NamedSharding:
+    """Sharding of a [B, ...] input: B over the `leading` rule's axes, the rest replicated."""
+    return named_sharding((leading,) + (None,) * (len(shape) - 1), shape, mesh, rules)
 
