@@ -1,5 +1,5 @@
 # The two commands: `make demo` and `make test`. Each builds .venv on a fresh machine first.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -16,7 +16,8 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]" >$(VENV)/pip-install.log 2>&1 || \
+	  { grep -v "is ignored: it is neither" $(VENV)/pip-install.log | tail -40; exit 1; }
 	# vllm's resolver brings CUDA builds of these; the text path needs none and they break transformers' import.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)

@@ -1,0 +1,15 @@
+"""Pieces every experiment config shares: the mesh and the logical-axis rules."""
+
+import ml_collections
+
+from longrl_jax.parallel.mesh import DEFAULT_RULES
+
+
+def mesh_config(data: int = 1, fsdp: int = -1, sequence: int = 1, tensor: int = 1):
+    """Mesh axis sizes; -1 = the rest of the devices."""
+    return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, sequence=sequence, tensor=tensor))
+
+
+def sharding_rules():
+    """Logical axis -> mesh axes, as a tuple of pairs (MaxText-style); edit per experiment."""
+    return tuple((name, axes) for name, axes in DEFAULT_RULES)
