@@ -112,3 +112,4 @@ def write_longvila(path: str, llm: Qwen2ForCausalLM, tower: SiglipVisionModel,
 def rel_err(out, ref) -> float:
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     return float(np.abs(out - ref).max() / np.abs(ref).max())
+

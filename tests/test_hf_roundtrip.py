@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, SiglipVisionModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
 
 from hf_fixtures import projector_torch, qwen2_hf, siglip_hf, write_longvila
+from longrl_jax.data.tokenizer import build_qwen2_tokenizer
 from longrl_jax.models import hf
 
 
@@ -58,8 +59,14 @@ def test_longvila_roundtrip(tmp_path):
     llm = qwen2_hf(hidden=40, heads=4, kv=2, inter=48, vocab=64)
     proj = projector_torch(tower.config.hidden_size, 40)
     write_longvila(str(tmp_path / "src"), llm, tower, proj)
+    tok = build_qwen2_tokenizer(["a", "video", "of", "cats"], str(tmp_path / "src" / "llm"))
+    ids = tok("a video of cats")["input_ids"]
+    assert len(ids) == 4
     model = hf.load_pretrained(str(tmp_path / "src"))
     hf.save_pretrained(model, str(tmp_path / "out"))
+    # The tokenizer travels with the LLM, so llm/ alone is a complete model for transformers/vLLM.
+    assert AutoTokenizer.from_pretrained(tmp_path / "out" / "llm")("a video of cats")[
+        "input_ids"] == ids
     for part, strip in (("llm", ()), ("vision_tower", ()), ("mm_projector", ("mm_projector.",))):
         _assert_same_tensors(_tensors(tmp_path / "src" / part), _tensors(tmp_path / "out" / part),
                              strip)

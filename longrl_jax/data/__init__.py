@@ -1,0 +1,1 @@
+"""Data: LongVideo-Reason reading, video decoding, the synthetic suite, tokenizers, caches."""
