@@ -91,6 +91,24 @@ class Qwen2ForCausalLM(nnx.Module):
                                   ("embed", "vocab"), **kw)
         self.attn_fn: AttnFn = dense_attention
 
+    def enable_sequence_parallel(self, mesh, strategy: str, *, layout: str = "contiguous",
+                                 axis: str = "sequence", block_q: int = 512,
+                                 block_k: int = 512) -> None:
+        """Attention runs sequence-parallel on `mesh` (MR-SP stage 2); inputs must then come
+        from `parallel.sequence.pad_and_shard` with the same layout."""
+        from longrl_jax.parallel import sequence
+        self.attn_fn = sequence.attention_fn(mesh, strategy, layout=layout, axis=axis,
+                                             block_q=block_q, block_k=block_k)
+
+    def use_flash_attention(self, block_q: int = 512, block_k: int = 512) -> None:
+        """Blockwise O(T)-memory attention on one device (long sequences without SP)."""
+        from longrl_jax.models.flash import flash_attention
+
+        def fn(q, k, v, *, causal, kv_valid_bs=None):
+            return flash_attention(q, k, v, k_valid=kv_valid_bs, causal=causal, block_q=block_q,
+                                   block_k=block_k)
+        self.attn_fn = fn
+
     def embed(self, input_ids_bt: jax.Array) -> jax.Array:
         return self.embed_tokens(input_ids_bt)
 
@@ -134,7 +152,8 @@ class Qwen2ForCausalLM(nnx.Module):
         return self.logits(h)
 
 
-def token_logprobs(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
-    """log p(target) from logits, in float32."""
+def token_logprobs(logits_btv: jax.Array, targets_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(log p(target), entropy) from logits, in float32."""
     logp = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, targets_bt[..., None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    return jnp.take_along_axis(logp, targets_bt[..., None], axis=-1)[..., 0], entropy

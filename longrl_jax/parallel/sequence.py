@@ -280,6 +280,20 @@ def attention(q, k, v, *, mesh, strategy: str = "all_gather_kv", causal: bool = 
     return fn(q, k, v, kv_valid)
 
 
+def attention_fn(mesh, strategy: str, *, layout: str = "contiguous", axis: str = "sequence",
+                 block_q: int = 512, block_k: int = 512):
+    """An `attn_fn` for the Qwen2 layers (`q, k, v, *, causal, kv_valid_bs`) running `strategy`
+    on `mesh`: what `Qwen2ForCausalLM.enable_sequence_parallel` installs."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown SP strategy {strategy!r}; choose from {STRATEGIES}")
+
+    def fn(q, k, v, *, causal, kv_valid_bs=None):
+        return attention(q, k, v, mesh=mesh, strategy=strategy, causal=causal,
+                         kv_valid=kv_valid_bs, layout=layout, axis=axis, block_q=block_q,
+                         block_k=block_k)
+    return fn
+
+
 # --------------------------------------------------------------------------- pad and shard
 @dataclasses.dataclass(frozen=True)
 class ShardedSequence:

@@ -1,0 +1,52 @@
+"""Policy / reference prefill: log-probs of the response tokens only.
+
+The LM head and log-softmax run on the [B, R, D] hidden states of the positions that predict
+response tokens, pulled from the sequence shards that hold them, never on the [B, T, V] logits
+of a sequence that is mostly video.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from longrl_jax.models.qwen2 import Qwen2ForCausalLM, token_logprobs
+from longrl_jax.parallel.sequence import ShardedSequence, gather_rows
+
+
+def predicting_positions(response_positions_br: np.ndarray) -> np.ndarray:
+    """Token t is predicted by the hidden state at t - 1."""
+    pos = np.asarray(response_positions_br)
+    if (pos < 1).any():
+        raise ValueError("a response token cannot be the first token of the sequence")
+    return pos - 1
+
+
+def response_logprobs(llm: Qwen2ForCausalLM, seq: ShardedSequence, response_positions_br,
+                      targets_br, *, mesh=None, axis: str = "sequence"):
+    """(log p, entropy) [B, R] of `targets_br` at original positions `response_positions_br`.
+
+    `seq.arrays[0]` holds the spliced input embeddings [B, Tp, D] (from `pad_and_shard`); with
+    `mesh`, rows are gathered from their shards, otherwise taken directly."""
+    h = llm.hidden_states(inputs_embeds_btd=seq.arrays[0], positions_bt=seq.positions,
+                          attention_mask_bt=seq.valid)
+    rows = seq.to_layout(predicting_positions(response_positions_br))
+    if mesh is not None and mesh.shape[axis] > 1:
+        h_r = gather_rows(h, rows, mesh=mesh, axis=axis)
+    else:
+        h_r = jnp.take_along_axis(h, jnp.asarray(rows)[..., None], axis=1)
+    return token_logprobs(llm.logits(h_r), jnp.asarray(targets_br))
+
+
+def full_logprobs(llm: Qwen2ForCausalLM, embeds_btd, response_positions_br, targets_br,
+                  positions_bt=None, attention_mask_bt=None):
+    """The unsharded reference: full logits, then the response positions."""
+    logits = llm(inputs_embeds_btd=embeds_btd, positions_bt=positions_bt,
+                 attention_mask_bt=attention_mask_bt)
+    rows = jnp.asarray(predicting_positions(response_positions_br))
+    picked = jnp.take_along_axis(logits, rows[..., None], axis=1)
+    return token_logprobs(picked, jnp.asarray(targets_br))
+
+
+__all__ = ["full_logprobs", "predicting_positions", "response_logprobs"]

@@ -1,0 +1,62 @@
+"""MR-SP stage 1: the frames of one video encoded in parallel across devices.
+
+Frames are padded to a multiple of the devices on the frame axes (never truncated), split over
+them, and each device encodes its frames `frames_per_chunk` at a time, so the activation memory
+of the vision tower is bounded by one chunk whatever the video length. The result [F, P, D] is
+unpadded before it is returned.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from longrl_jax.models.vlm import VLM
+
+DEFAULT_FRAME_AXES = ("data", "fsdp", "sequence")
+
+
+def frame_axes(mesh, axes: Sequence[str] = DEFAULT_FRAME_AXES) -> tuple[str, ...]:
+    return tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+
+
+def encode_video_sharded(model: VLM, frames_fhwc: jax.Array, *, mesh,
+                         frames_per_chunk: int = 8,
+                         axes: Sequence[str] = DEFAULT_FRAME_AXES) -> jax.Array:
+    """[F, H, W, C] normalised frames -> [F, tokens_per_frame, D], frames sharded over `axes`."""
+    if frames_per_chunk <= 0:
+        raise ValueError("frames_per_chunk must be positive")
+    axes = frame_axes(mesh, axes)
+    n_dev = math.prod(mesh.shape[a] for a in axes) if axes else 1
+    f = frames_fhwc.shape[0]
+    per_dev = -(-f // n_dev)
+    chunk = min(frames_per_chunk, per_dev)
+    per_dev = -(-per_dev // chunk) * chunk
+    pad = per_dev * n_dev - f
+    frames = jnp.pad(frames_fhwc, ((0, pad), (0, 0), (0, 0), (0, 0))) if pad else frames_fhwc
+    spec = P(axes or None)
+    frames = jax.device_put(frames, NamedSharding(mesh, spec))
+    graphdef, state = nnx.split(model)
+    out = _encode(graphdef, state, frames, mesh, spec, chunk)
+    return out[:f]
+
+
+def _encode(graphdef, state, frames, mesh, spec, chunk):
+    @jax.jit
+    def run(state, frames):
+        def local(state, frames):
+            model = nnx.merge(graphdef, state)
+            chunks = frames.reshape((-1, chunk) + frames.shape[1:])
+            out = jax.lax.map(model.encode_video, chunks)
+            return out.reshape((-1,) + out.shape[2:])
+        return jax.shard_map(local, mesh=mesh, in_specs=(P(), spec), out_specs=spec,
+                             check_vma=False)(state, frames)
+    return run(state, frames)
+
+
+__all__ = ["encode_video_sharded", "frame_axes"]
