@@ -1,6 +1,7 @@
 """Model parameters as orbax checkpoints.
 
-A params directory holds `model_config.json` (the ModelConfig) and `params/` (an orbax
+A params directory holds `model_config.json` (the ModelConfig, and whether the layers are
+stacked for a scan) and `params/` (an orbax
 StandardCheckpointer tree of the NNX parameters). The training issue adds the full
 CheckpointManager (optimizer state, data iterator, RNG) on top of these two functions.
 """
@@ -22,7 +23,8 @@ def save_params(model: VLM, directory: str) -> None:
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "model_config.json"), "w") as f:
-        json.dump(model.cfg.to_dict(), f, indent=2)
+        json.dump({"model": model.cfg.to_dict(), "scan_layers": model.llm.scan_layers}, f,
+                  indent=2)
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(os.path.join(directory, "params"), nnx.to_pure_dict(nnx.state(model, nnx.Param)),
               force=True)
@@ -38,8 +40,10 @@ def load_params(directory: str, *, param_dtype=jnp.float32, mesh=None, rules=Non
     """The model saved by `save_params`; with `mesh`, restored directly into its shards."""
     directory = os.path.abspath(directory)
     with open(os.path.join(directory, "model_config.json")) as f:
-        cfg = ModelConfig.from_dict(json.load(f))
-    abstract = nnx.eval_shape(lambda: VLM(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype))
+        meta = json.load(f)
+    cfg = ModelConfig.from_dict(meta["model"])
+    abstract = nnx.eval_shape(lambda: VLM(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype,
+                                          scan_layers=meta.get("scan_layers", False)))
     graphdef, state = nnx.split(abstract)
     target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     if mesh is not None:

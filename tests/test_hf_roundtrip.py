@@ -101,3 +101,23 @@ def test_bfloat16_export(tmp_path):
     assert back.dtype == torch.bfloat16
     ref = src.model.layers[0].mlp.up_proj.weight.detach().to(torch.bfloat16)
     assert torch.equal(back.model.layers[0].mlp.up_proj.weight, ref)
+
+
+def test_scanned_layers_import_export_and_params_dir(tmp_path):
+    """Stacked (scan_layers) models read and write the same HF tensors, and keep the layout
+    through an orbax params directory."""
+    from longrl_jax import checkpoint
+    src = qwen2_hf(layers=3)
+    src.save_pretrained(tmp_path / "src")
+    model = hf.load_pretrained(str(tmp_path / "src"), scan_layers=True, remat=True)
+    assert model.llm.layers.self_attn.q_proj.kernel.shape[0] == 3
+    ids = torch.tensor(np.random.RandomState(0).randint(0, 97, (2, 9)))
+    ref = src(ids).logits.detach().numpy()
+    out = np.asarray(model.llm(jnp.asarray(ids.numpy())))
+    assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-4
+    hf.save_pretrained(model, str(tmp_path / "out"))
+    _assert_same_tensors(_tensors(tmp_path / "src"), _tensors(tmp_path / "out"))
+    checkpoint.save_params(model, str(tmp_path / "params"))
+    again = checkpoint.load_params(str(tmp_path / "params"))
+    assert again.llm.scan_layers
+    np.testing.assert_array_equal(np.asarray(again.llm(jnp.asarray(ids.numpy()))), out)

@@ -90,13 +90,21 @@ def _blocks(q, k, v, q_idx, k_idx, k_valid, block_q, block_k):
             _split(v, block_k, 1), _split(k_idx, block_k, 0), _split(k_valid, block_k, 1))
 
 
+def _tie(q, *consts):
+    """Makes the index/validity arrays depend on `q`. Inside a scan over layers they are loop
+    invariant, and JAX's partial evaluation would then hoist every block's mask out of the loop
+    and store all of them, [T/bq, T/bk, bq, bk]: the O(T^2) memory this kernel exists to avoid."""
+    return jax.lax.optimization_barrier((q, *consts))
+
+
 def _forward(q, k, v, q_idx, k_idx, k_valid, causal, block_q, block_k):
+    q, q_idx, k_idx, k_valid = _tie(q, q_idx, k_idx, k_valid)
     b, tq, n, h = q.shape
     scale = 1.0 / math.sqrt(h)
     qb, qib, kb, vb, kib, kvb = _blocks(q, k, v, q_idx, k_idx, k_valid, block_q, block_k)
     o, lse = jax.lax.map(
         lambda xs: _fwd_qblock(xs[0], kb, vb, xs[1], kib, kvb, causal, scale), (qb, qib))
-    o = _merge(o, 1).reshape(b, tq, n, h)          # [B, Tq, N, H]
+    o = _merge(o, 1).reshape(b, tq, n, h).astype(q.dtype)  # [B, Tq, N, H]
     lse = _merge(lse, 3)                            # [B, K, G, Tq]
     lse = jnp.einsum("BKGT->BTKG", lse).reshape(b, tq, n)
     return o, lse
@@ -105,6 +113,7 @@ def _forward(q, k, v, q_idx, k_idx, k_valid, causal, block_q, block_k):
 # ------------------------------------------------------------------------------ backward
 def _backward(q, k, v, q_idx, k_idx, k_valid, o, lse, do, dlse, causal, block_q, block_k):
     """Gradients of sum(do * o) + sum(dlse * lse) for o, lse = attention(q, k, v)."""
+    q, q_idx, k_idx, k_valid = _tie(q, q_idx, k_idx, k_valid)
     b, tq, n, h = q.shape
     kh = k.shape[2]
     g = n // kh
@@ -186,6 +195,17 @@ def _flash_bwd(causal, block_q, block_k, res, cotangents):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+def pick_block(length: int, block: int) -> int:
+    """A block size for `length`: a divisor in [block/2, block] when one exists (no padding),
+    else `block` itself (pad)."""
+    if length <= block:
+        return length
+    for d in range(block, block // 2 - 1, -1):
+        if length % d == 0:
+            return d
+    return block
+
+
 def _prepare(q, k, v, q_idx, k_idx, k_valid, block_q, block_k):
     """Defaults for the index/validity arguments, and padding of T to the block sizes.
     Padded queries get index -1 (they see no key under causality); padded keys are invalid."""
@@ -194,7 +214,7 @@ def _prepare(q, k, v, q_idx, k_idx, k_valid, block_q, block_k):
     q_idx = jnp.arange(tq, dtype=jnp.int32) if q_idx is None else q_idx.astype(jnp.int32)
     k_idx = jnp.arange(tk, dtype=jnp.int32) if k_idx is None else k_idx.astype(jnp.int32)
     k_valid = jnp.ones((b, tk), bool) if k_valid is None else k_valid.astype(bool)
-    block_q, block_k = min(block_q, tq), min(block_k, tk)
+    block_q, block_k = pick_block(tq, block_q), pick_block(tk, block_k)
     return (_pad_to(q, 1, block_q), _pad_to(k, 1, block_k), _pad_to(v, 1, block_k),
             _pad_to(q_idx, 0, block_q, value=-1),
             _pad_to(k_idx, 0, block_k, value=jnp.iinfo(jnp.int32).max),

@@ -296,8 +296,22 @@ def _flat_state(model_or_state) -> dict[str, nnx.Variable]:
     return {".".join(map(str, k)): v for k, v in nnx.to_flat_state(state)}
 
 
+_LAYER = re.compile(r"^(.*\.layers)\.(\d+)\.(.*)$")
+
+
+def locate(flat: Mapping[str, nnx.Variable], path: str) -> tuple[str, int | None]:
+    """(state key, layer index) of a table path: '...layers.3.x' is key '...layers.x', slice 3,
+    when the model stacks its layers for a scan; the path itself otherwise."""
+    if path in flat:
+        return path, None
+    m = _LAYER.match(path)
+    if m and f"{m.group(1)}.{m.group(3)}" in flat:
+        return f"{m.group(1)}.{m.group(3)}", int(m.group(2))
+    raise KeyError(path)
+
+
 def load_pretrained(path: str, *, param_dtype=jnp.float32, dtype=None, mesh=None,
-                    rules=None, remat: bool = False) -> VLM:
+                    rules=None, remat: bool = False, scan_layers: bool = False) -> VLM:
     """A VLM (or an LLM-only model reached as `.llm`) with the weights of an HF checkpoint.
 
     With `mesh`, each parameter is placed directly in its shard (logical axes + `rules`).
@@ -305,10 +319,12 @@ def load_pretrained(path: str, *, param_dtype=jnp.float32, dtype=None, mesh=None
     cfg, dirs = read_config(path)
     dtype = dtype or param_dtype
     graphdef, abstract = nnx.split(nnx.eval_shape(
-        lambda: VLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, remat=remat)))
+        lambda: VLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, remat=remat,
+                    scan_layers=scan_layers)))
     flat = _flat_state(abstract)
-    place = _placer(mesh, rules)
-    filled: set[str] = set()
+    host: dict[str, np.ndarray] = {}   # filled on host, placed once complete
+    filled: dict[str, int] = {}
+    stacked: set[str] = set()
     for part, family in ((p, FAMILIES[p]) for p in dirs):
         tensors = {_strip(k, family.strip_prefixes): v for k, v in read_tensors(dirs[part]).items()}
         used: set[str] = set()
@@ -320,23 +336,31 @@ def load_pretrained(path: str, *, param_dtype=jnp.float32, dtype=None, mesh=None
             used.add(name)
             pieces = np.split(hf, len(jax_paths), axis=0) if len(jax_paths) > 1 else [hf]
             for jp, piece in zip(jax_paths, pieces):
-                var = flat[jp]
-                want = hf_shape(var.shape, rule)
+                key, layer = locate(flat, jp)
+                shape = flat[key].shape if layer is None else flat[key].shape[1:]
+                want = hf_shape(shape, rule)
                 if tuple(piece.shape) != want:
                     raise CheckpointError(
                         f"tensor {name!r} in {dirs[part]} has shape {tuple(hf.shape)}; the "
                         f"config implies {want if len(jax_paths) == 1 else 'packed ' + str(want)}")
-                arr = to_jax_layout(np.asarray(piece), rule, var.shape)
-                flat[jp] = var.replace(value=place(arr.astype(param_dtype), var))
-                filled.add(jp)
+                arr = to_jax_layout(np.asarray(piece), rule, shape).astype(param_dtype)
+                if layer is None:
+                    host[key] = arr
+                else:
+                    host.setdefault(key, np.empty(flat[key].shape, arr.dtype))[layer] = arr
+                    stacked.add(key)
+                filled[key] = filled.get(key, 0) + 1
         unused = [k for k in tensors if k not in used
                   and not any(re.search(p, k) for p in family.ignore)]
         if unused:
             log.warning("%s: %d tensor(s) not used by the model, e.g. %s", dirs[part],
                         len(unused), unused[:5])
-    missing = sorted(set(flat) - filled)
-    if missing:  # the table does not cover the model: a bug in this file, not in the checkpoint
-        raise AssertionError(f"mapping table does not cover parameters {missing[:5]}")
+    incomplete = sorted(k for k, v in flat.items()
+                        if filled.get(k, 0) != (v.shape[0] if k in stacked else 1))
+    if incomplete:  # the table does not cover the model: a bug in this file, not in the checkpoint
+        raise AssertionError(f"mapping table does not cover parameters {incomplete[:5]}")
+    place = _placer(mesh, rules)
+    flat = {k: v.replace(value=place(host[k], v)) for k, v in flat.items()}
     model = nnx.merge(graphdef, nnx.from_flat_state(
         {tuple(int(p) if p.isdigit() else p for p in k.split(".")): v for k, v in flat.items()}))
     model.source_dirs = dict(dirs)
@@ -348,11 +372,7 @@ def _placer(mesh, rules):
         return lambda arr, var: jnp.asarray(arr)
     from longrl_jax.parallel import mesh as mesh_lib
     rules = rules or mesh_lib.DEFAULT_RULES
-
-    def place(arr, var):
-        axes = var.get_metadata("logical_axes", None) or (None,) * arr.ndim
-        return jax.device_put(arr, mesh_lib.named_sharding(axes, arr.shape, mesh, rules))
-    return place
+    return lambda arr, var: jax.device_put(arr, mesh_lib.variable_sharding(var, mesh, rules))
 
 
 # ------------------------------------------------------------------------------- export
@@ -364,9 +384,14 @@ def hf_arrays(model: VLM, part: str = "llm", dtype=None) -> dict[str, np.ndarray
         raise ValueError(f"an LLM-only model has no {part}")
     flat = _flat_state(model)
     out = {}
+
+    def host(path):
+        key, layer = locate(flat, path)
+        value = flat[key][...] if layer is None else flat[key][...][layer]
+        return np.asarray(jax.device_get(value))
+
     for jax_paths, name, rule in expand(family, model.cfg):
-        pieces = [to_hf_layout(np.asarray(jax.device_get(flat[p][...])), rule)
-                  for p in jax_paths]
+        pieces = [to_hf_layout(host(p), rule) for p in jax_paths]
         arr = np.concatenate(pieces, axis=0) if len(pieces) > 1 else pieces[0]
         if dtype is not None:
             arr = arr.astype(dtype)

@@ -76,13 +76,22 @@ class Qwen2ForCausalLM(nnx.Module):
     two halves so response-only log-probs never project the whole sequence onto the vocabulary."""
 
     def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, remat: bool = False):
+                 param_dtype=jnp.float32, remat: bool = False, scan_layers: bool = False):
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
+        self.scan_layers = scan_layers
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
-        self.layers = nnx.List([Qwen2Block(cfg, **kw) for _ in range(cfg.num_layers)])
+        if scan_layers:
+            # One Qwen2Block whose every parameter has a leading [num_layers] axis.
+            @nnx.split_rngs(splits=cfg.num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def stacked(rngs):
+                return Qwen2Block(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+            self.layers = stacked(rngs)
+        else:
+            self.layers = nnx.List([Qwen2Block(cfg, **kw) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         if cfg.tie_word_embeddings:
             self.lm_head = None
@@ -90,15 +99,20 @@ class Qwen2ForCausalLM(nnx.Module):
             self.lm_head = Einsum("BTD,DV->BTV", (cfg.hidden_size, cfg.vocab_size),
                                   ("embed", "vocab"), **kw)
         self.attn_fn: AttnFn = dense_attention
+        self.act_sharding = None
 
     def enable_sequence_parallel(self, mesh, strategy: str, *, layout: str = "contiguous",
                                  axis: str = "sequence", block_q: int = 512,
                                  block_k: int = 512) -> None:
         """Attention runs sequence-parallel on `mesh` (MR-SP stage 2); inputs must then come
         from `parallel.sequence.pad_and_shard` with the same layout."""
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
         from longrl_jax.parallel import sequence
         self.attn_fn = sequence.attention_fn(mesh, strategy, layout=layout, axis=axis,
                                              block_q=block_q, block_k=block_k)
+        # Keep activations T-sharded between layers (GSPMD then gathers weights, not tokens).
+        self.act_sharding = NamedSharding(mesh, P(P.UNCONSTRAINED, axis, None))
 
     def use_flash_attention(self, block_q: int = 512, block_k: int = 512) -> None:
         """Blockwise O(T)-memory attention on one device (long sequences without SP)."""
@@ -128,15 +142,36 @@ class Qwen2ForCausalLM(nnx.Module):
                                 self.cfg.rope_scaling_factor)
         cos, sin = cos.astype(self.dtype), sin.astype(self.dtype)
         attn_fn = self.attn_fn
+        constrain = (lambda x: jax.lax.with_sharding_constraint(x, self.act_sharding)) \
+            if self.act_sharding is not None else (lambda x: x)
+        x_btd = constrain(x_btd)
+        if self.scan_layers:
+            x_btd = self._scan_layers(x_btd, cos, sin, attention_mask_bt, attn_fn, constrain)
+        else:
+            def block(layer, x_btd, cos, sin, mask_bt):
+                return layer(x_btd, cos, sin, mask_bt, attn_fn)
 
-        def block(layer, x_btd, cos, sin, mask_bt):
-            return layer(x_btd, cos, sin, mask_bt, attn_fn)
+            if self.remat:
+                block = nnx.remat(block)
+            for layer in self.layers:
+                x_btd = constrain(block(layer, x_btd, cos, sin, attention_mask_bt))
+        return self.norm(x_btd)
+
+    def _scan_layers(self, x_btd, cos, sin, mask_bt, attn_fn, constrain):
+        """The layers as one `lax.scan` over their stacked parameters, rematerialised per layer:
+        one compiled layer whatever the depth, and a backward pass that keeps only each layer's
+        input (the recomputation sits in a separate loop, where no pass can fold it back into
+        the forward, as XLA:CPU does with unrolled remat)."""
+        graphdef, stacked = nnx.split(self.layers)
+
+        def body(x_btd, state):
+            layer = nnx.merge(graphdef, state)
+            return constrain(layer(x_btd, cos, sin, mask_bt, attn_fn)), None
 
         if self.remat:
-            block = nnx.remat(block)
-        for layer in self.layers:
-            x_btd = block(layer, x_btd, cos, sin, attention_mask_bt)
-        return self.norm(x_btd)
+            body = jax.checkpoint(body)
+        x_btd, _ = jax.lax.scan(body, x_btd, stacked)
+        return x_btd
 
     def logits(self, h_btd: jax.Array) -> jax.Array:
         if self.lm_head is None:

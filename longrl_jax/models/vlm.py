@@ -19,10 +19,10 @@ from longrl_jax.models.splice import splice_embeddings
 class VLM(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, remat: bool = False):
+                 param_dtype=jnp.float32, remat: bool = False, scan_layers: bool = False):
         self.cfg = cfg
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.llm = Qwen2ForCausalLM(cfg.llm, remat=remat, **kw)
+        self.llm = Qwen2ForCausalLM(cfg.llm, remat=remat, scan_layers=scan_layers, **kw)
         if cfg.is_vlm:
             self.vision_tower = SiglipVisionModel(cfg.vision, **kw)
             self.mm_projector = Projector(cfg.projector, **kw)

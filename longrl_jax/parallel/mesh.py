@@ -25,17 +25,18 @@ DEFAULT_RULES: Rules = (
     ("frames", ("data", "fsdp", "sequence")),
     ("seq", "sequence"),
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "sequence")),  # ZeRO-3 over the sequence axis too
     ("embed_in", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),
-    ("vision_embed", "fsdp"),
+    ("layers", None),
+    ("vision_embed", ("fsdp", "sequence")),
     ("vision_heads", "tensor"),
     ("vision_mlp", "tensor"),
-    ("vision_merged", "fsdp"),
+    ("vision_merged", ("fsdp", "sequence")),
 )
 
 
@@ -93,14 +94,18 @@ def named_sharding(logical_axes, shape, mesh: Mesh, rules: Rules = DEFAULT_RULES
     return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh, rules))
 
 
+def variable_sharding(v: nnx.Variable, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """The NamedSharding of one variable from its `logical_axes` metadata."""
+    axes = tuple(v.get_metadata("logical_axes", None) or ())
+    # Stacked (scanned) layers carry their per-layer axes: the extra leading dims are layers.
+    axes = ("layers",) * (len(v.shape) - len(axes)) + axes
+    return named_sharding(axes, v.shape, mesh, rules)
+
+
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES):
-    """A NamedSharding for every variable of `state` from its `logical_axes` metadata."""
-
-    def one(v):
-        axes = v.get_metadata("logical_axes", None) or (None,) * len(v.shape)
-        return named_sharding(axes, v.shape, mesh, rules)
-
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    """A NamedSharding for every variable of `state`."""
+    return jax.tree.map(lambda v: variable_sharding(v, mesh, rules), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.Module:

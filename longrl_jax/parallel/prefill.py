@@ -23,8 +23,24 @@ def predicting_positions(response_positions_br: np.ndarray) -> np.ndarray:
     return pos - 1
 
 
+def head_logprobs(llm: Qwen2ForCausalLM, h_brd, targets_br, chunk: int = 128):
+    """LM head + log-softmax over R rows, `chunk` rows at a time and rematerialised, so the
+    [B, R, V] float32 logits never exist at once (V is 152k for Qwen2)."""
+    b, r, d = h_brd.shape
+    chunk = min(chunk, r)
+    pad = -r % chunk
+    h = jnp.pad(h_brd, ((0, 0), (0, pad), (0, 0)))
+    t = jnp.pad(jnp.asarray(targets_br), ((0, 0), (0, pad)))
+    hs = h.reshape(b, -1, chunk, d).swapaxes(0, 1)
+    ts = t.reshape(b, -1, chunk).swapaxes(0, 1)
+    one = jax.checkpoint(lambda xs: token_logprobs(llm.logits(xs[0]), xs[1]))
+    logp, ent = jax.lax.map(one, (hs, ts))
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(b, -1)[:, :r]  # noqa: E731
+    return unchunk(logp), unchunk(ent)
+
+
 def response_logprobs(llm: Qwen2ForCausalLM, seq: ShardedSequence, response_positions_br,
-                      targets_br, *, mesh=None, axis: str = "sequence"):
+                      targets_br, *, mesh=None, axis: str = "sequence", chunk: int = 128):
     """(log p, entropy) [B, R] of `targets_br` at original positions `response_positions_br`.
 
     `seq.arrays[0]` holds the spliced input embeddings [B, Tp, D] (from `pad_and_shard`); with
@@ -36,7 +52,7 @@ def response_logprobs(llm: Qwen2ForCausalLM, seq: ShardedSequence, response_posi
         h_r = gather_rows(h, rows, mesh=mesh, axis=axis)
     else:
         h_r = jnp.take_along_axis(h, jnp.asarray(rows)[..., None], axis=1)
-    return token_logprobs(llm.logits(h_r), jnp.asarray(targets_br))
+    return head_logprobs(llm, h_r, targets_br, chunk)
 
 
 def full_logprobs(llm: Qwen2ForCausalLM, embeds_btd, response_positions_br, targets_br,

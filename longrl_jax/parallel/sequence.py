@@ -209,19 +209,20 @@ def _ring_backward(ctx: _Ctx, res, do):
 
 
 def _ring(ctx: _Ctx, q, k, v, kv_valid):
+    # kv_valid is an argument, not a closure: a custom_vjp must not close over tracers.
     @jax.custom_vjp
-    def ring(q, k, v):
+    def ring(q, k, v, kv_valid):
         return _ring_forward(ctx, q, k, v, kv_valid)[0]
 
-    def fwd(q, k, v):
+    def fwd(q, k, v, kv_valid):
         o, lse = _ring_forward(ctx, q, k, v, kv_valid)
         return o, (q, k, v, kv_valid, o, lse)
 
     def bwd(res, do):
-        return _ring_backward(ctx, res, do)
+        return (*_ring_backward(ctx, res, do), None)
 
     ring.defvjp(fwd, bwd)
-    return ring(q, k, v)
+    return ring(q, k, v, kv_valid)
 
 
 _IMPLS = {"all_gather_kv": _all_gather_kv, "ulysses": _ulysses, "ring": _ring}
