@@ -13,3 +13,12 @@ def mesh_config(data: int = 1, fsdp: int = -1, sequence: int = 1, tensor: int = 
 def sharding_rules():
     """Logical axis -> mesh axes, as a tuple of pairs (MaxText-style); edit per experiment."""
     return tuple((name, axes) for name, axes in DEFAULT_RULES)
+
+
+def sp_config(strategy: str = "ring", layout: str = "zigzag", frames_per_chunk: int = 8,
+              gather_chunk_rows: int = 4096):
+    """MR-SP: the stage-2 attention strategy and sequence layout (used when mesh.sequence > 1),
+    stage 1's frames per encoding chunk, and the chunk of rows for host transfers."""
+    return ml_collections.ConfigDict(dict(strategy=strategy, layout=layout,
+                                          frames_per_chunk=frames_per_chunk,
+                                          gather_chunk_rows=gather_chunk_rows))

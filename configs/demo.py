@@ -20,8 +20,11 @@ def get_config(arg: str | None = None):
                                              param_dtype="float32", dtype="float32"))
     c.model.video_token_id = 3
     c.model.separator_token_id = 4
+    c.model.scan_layers = False
+    c.model.remat = False
     c.mesh = common.mesh_config()
     c.sharding_rules = common.sharding_rules()
+    c.sp = common.sp_config()
     c.num_frames = 16
     c.stages = ("sft", "rl", "eval", "export")
     return c

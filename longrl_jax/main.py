@@ -32,7 +32,8 @@ def build_model(config):
     param_dtype = getattr(jnp, config.model.param_dtype)
     if config.model.checkpoint:
         model = hf.load_pretrained(config.model.checkpoint, param_dtype=param_dtype, mesh=mesh,
-                                   rules=rules)
+                                   rules=rules, remat=config.model.remat,
+                                   scan_layers=config.model.scan_layers)
     else:
         preset = getattr(ModelConfig, config.model.preset, None)
         if preset is None:
@@ -42,18 +43,23 @@ def build_model(config):
                                    separator_token_id=config.model.separator_token_id)
         model = mesh_lib.create_sharded(
             lambda: VLM(cfg, rngs=nnx.Rngs(config.seed), param_dtype=param_dtype,
-                        dtype=getattr(jnp, config.model.dtype)), mesh, rules)
+                        dtype=getattr(jnp, config.model.dtype), remat=config.model.remat,
+                        scan_layers=config.model.scan_layers), mesh, rules)
+    if mesh.shape["sequence"] > 1:
+        model.llm.enable_sequence_parallel(mesh, config.sp.strategy, layout=config.sp.layout)
     return model, mesh
 
 
-def smoke_forward(model, config) -> dict:
-    """Encode a random video, splice it into a prompt, run the forward: proves the wiring."""
+def smoke_forward(model, config, mesh) -> dict:
+    """Encode a random video with MR-SP stage 1, splice it into a prompt, and run the stage-2
+    forward (sequence-parallel when the mesh has a 'sequence' axis): proves the wiring."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
     from longrl_jax.models.splice import splice_layout
+    from longrl_jax.parallel import sequence, video
 
     cfg = model.cfg
     size = cfg.vision.image_size
@@ -64,15 +70,20 @@ def smoke_forward(model, config) -> dict:
                         tokens_per_frame=cfg.tokens_per_frame,
                         separator_id=cfg.separator_token_id)
 
-    @nnx.jit
-    def forward(model, frames, ids, rows):
-        video = model.encode_video(frames)
-        return model(ids, rows, video.reshape(-1, video.shape[-1]))
-
-    logits = forward(model, frames, jnp.asarray(lay.token_ids)[None],
-                     jnp.asarray(lay.video_rows)[None])
+    embeds = video.encode_video_sharded(model, frames, mesh=mesh,
+                                        frames_per_chunk=config.sp.frames_per_chunk)
+    spliced = nnx.jit(lambda m, ids, rows, e: m.splice(ids, rows, e))(
+        model, jnp.asarray(lay.token_ids)[None], jnp.asarray(lay.video_rows)[None],
+        embeds.reshape(-1, embeds.shape[-1]))
+    layout = config.sp.layout if mesh.shape["sequence"] > 1 else "contiguous"
+    seq = sequence.pad_and_shard(spliced, mesh=mesh, layout=layout)
+    logits = nnx.jit(lambda m, e, p, v: m.llm(inputs_embeds_btd=e, positions_bt=p,
+                                              attention_mask_bt=v))(
+        model, seq.arrays[0], seq.positions, seq.valid)
+    logits = sequence.chunked_device_get(seq.unshard(logits), config.sp.gather_chunk_rows, 1)
     return {"frames": config.num_frames, "sequence_length": lay.length,
-            "logits_shape": list(logits.shape), "finite": bool(np.isfinite(logits).all())}
+            "logits_shape": list(logits.shape), "finite": bool(np.isfinite(logits).all()),
+            "sequence_parallel": mesh.shape["sequence"]}
 
 
 def main(argv):
@@ -85,7 +96,7 @@ def main(argv):
     except ValueError as e:
         sys.exit(f"longrl_jax.main: {e}")
     logging.info("mesh %s", dict(mesh.shape))
-    report = smoke_forward(model, config) if model.cfg.is_vlm else {}
+    report = smoke_forward(model, config, mesh) if model.cfg.is_vlm else {}
     with open(os.path.join(workdir, "smoke.json"), "w") as f:
         json.dump(report, f, indent=2)
     print(f"model built on mesh {dict(mesh.shape)}; spliced forward: {report}")
