@@ -123,3 +123,14 @@ def test_gather_rows_and_chunked_device_get():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(x)[np.arange(2)[:, None], rows])
     host = S.chunked_device_get(seq.arrays[0], chunk_rows=5, axis=1)
     np.testing.assert_array_equal(host, np.asarray(seq.arrays[0]))
+
+
+def test_put_from_a_memmap_reads_only_each_shard(tmp_path):
+    mesh = _mesh(8)
+    data = np.arange(64 * 3, dtype=np.float32).reshape(64, 3)
+    np.save(tmp_path / "v.npy", data)
+    mm = np.load(tmp_path / "v.npy", mmap_mode="r")
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("sequence", None))
+    x = S.put_from_host(mm, sharding)
+    assert x.sharding == sharding and x.addressable_shards[0].data.shape == (8, 3)
+    np.testing.assert_array_equal(np.asarray(x), data)

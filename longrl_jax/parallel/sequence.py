@@ -393,5 +393,12 @@ def chunked_device_get(x, chunk_rows: int, axis: int = 0) -> np.ndarray:
     return out
 
 
+def put_from_host(host, sharding: NamedSharding) -> jax.Array:
+    """Places a host array (e.g. a memory-mapped cached video embedding) onto its shards, each
+    device reading only its own slice: no whole copy is made on any device, and a memmap is
+    read piece by piece."""
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: np.asarray(host[idx]))
+
+
 __all__ = ["LAYOUTS", "STRATEGIES", "ShardedSequence", "attention", "chunked_device_get",
-           "gather_rows", "layout_index", "pad_and_shard", "ulysses_head_plan"]
+           "gather_rows", "layout_index", "pad_and_shard", "put_from_host", "ulysses_head_plan"]
