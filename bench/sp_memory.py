@@ -6,7 +6,7 @@ the video's embeddings spliced into a prompt and log-probs taken at the response
 XLA's memory analysis of the compiled program for sp in {1, 2, 4, 8} (the rest of the 8 devices
 form the fsdp axis; parameters are ZeRO-sharded over fsdp x sequence in every case).
 
-  python bench/sp_memory.py --quick --out /tmp/sp_memory.json     # < 3 minutes
+  python bench/sp_memory.py --quick --out /tmp/sp_memory.json     # < 3 minutes, 1-2k frames
   python bench/sp_memory.py --out bench/sp_memory.json             # more frames and layers
 
 Rows: {"sp", "frames", "tokens", "layers", "temp_bytes", "argument_bytes", "output_bytes",
@@ -137,7 +137,7 @@ def main():
     args = ap.parse_args()
     assert jax.device_count() == 8, "needs 8 (fake) devices"
     if args.quick:
-        grid = [(2, 512), (4, 512), (2, 1024), (4, 1024)]
+        grid = [(2, 1024), (4, 1024), (2, 2048), (4, 2048)]
     else:
         grid = [(2, 256), (4, 256), (2, 512), (4, 512), (8, 512), (2, 1024), (4, 1024),
                 (2, 2048)]

@@ -70,8 +70,9 @@ def smoke_forward(model, config, mesh) -> dict:
                         tokens_per_frame=cfg.tokens_per_frame,
                         separator_id=cfg.separator_token_id)
 
+    rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding_rules)
     embeds = video.encode_video_sharded(model, frames, mesh=mesh,
-                                        frames_per_chunk=config.sp.frames_per_chunk)
+                                        frames_per_chunk=config.sp.frames_per_chunk, rules=rules)
     spliced = nnx.jit(lambda m, ids, rows, e: m.splice(ids, rows, e))(
         model, jnp.asarray(lay.token_ids)[None], jnp.asarray(lay.video_rows)[None],
         embeds.reshape(-1, embeds.shape[-1]))

@@ -9,7 +9,6 @@ unpadded before it is returned.
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,21 +16,24 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from longrl_jax.models.vlm import VLM
+from longrl_jax.parallel import mesh as mesh_lib
 
-DEFAULT_FRAME_AXES = ("data", "fsdp", "sequence")
 
-
-def frame_axes(mesh, axes: Sequence[str] = DEFAULT_FRAME_AXES) -> tuple[str, ...]:
+def frame_axes(mesh, rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES) -> tuple[str, ...]:
+    """The mesh axes of the 'frames' logical axis (config rules), those of size > 1."""
+    target = dict(rules).get("frames") or ()
+    axes = (target,) if isinstance(target, str) else tuple(target)
     return tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
 
 
 def encode_video_sharded(model: VLM, frames_fhwc: jax.Array, *, mesh,
                          frames_per_chunk: int = 8,
-                         axes: Sequence[str] = DEFAULT_FRAME_AXES) -> jax.Array:
-    """[F, H, W, C] normalised frames -> [F, tokens_per_frame, D], frames sharded over `axes`."""
+                         rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES) -> jax.Array:
+    """[F, H, W, C] normalised frames -> [F, tokens_per_frame, D], frames sharded over the
+    'frames' rule's mesh axes (data, fsdp, sequence by default)."""
     if frames_per_chunk <= 0:
         raise ValueError("frames_per_chunk must be positive")
-    axes = frame_axes(mesh, axes)
+    axes = frame_axes(mesh, rules)
     n_dev = math.prod(mesh.shape[a] for a in axes) if axes else 1
     f = frames_fhwc.shape[0]
     per_dev = -(-f // n_dev)
