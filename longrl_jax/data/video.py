@@ -204,7 +204,7 @@ def write_video(path: str, frames_uint8: Sequence[np.ndarray] | np.ndarray, fps:
         stream = container.add_stream("libx264", rate=int(round(fps)))
         stream.width, stream.height = pw, ph
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "veryfast", "g": "30"}
+        stream.options = {"crf": str(crf), "preset": "veryfast", "g": "30", "threads": "1"}
         for f in frames:
             if (ph, pw) != (h, w):
                 f = np.pad(f, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
