@@ -194,14 +194,11 @@ def make_example(index: int, *, seed: int, num_frames: int, size: int, split: st
     return row, render(events, num_frames, size)
 
 
-PROMPT_WORDS = """You are given a video. Answer the question about it. Think step by step inside
-    <think> </think> tags, then give the final answer inside <answer> </answer> tags. For a
-    multiple choice question answer with the option letter only. Question""".split()
-
-
 def vocabulary(rows) -> list[str]:
     """Every word of the rows' text and the prompts (for the tiny tokenizer)."""
-    words = set(PROMPT_WORDS) | set(LETTERS)
+    from longrl_jax.data import longvideo_reason as lvr
+    prompts = " ".join([lvr.SYSTEM_THINKING, lvr.SYSTEM_NON_THINKING, lvr.MCQ_SUFFIX])
+    words = set(re.findall(r"[A-Za-z]+", prompts)) | set(LETTERS)
     for row in rows:
         text = " ".join([row["problem"], row["reasoning"], row["answer"],
                          *row.get("options", [])])

@@ -96,12 +96,8 @@ def resize(frames_uint8: np.ndarray, size: int) -> np.ndarray:
 
 def video_info(path: str) -> tuple[int, float]:
     """(frame count, fps) without decoding frames."""
-    import decord
-
-    if not os.path.exists(path):
-        raise VideoError(f"missing video file {path}")
+    vr = _open(path)
     try:
-        vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
         return len(vr), float(vr.get_avg_fps())
     except Exception as e:
         raise VideoError(f"unreadable video {path}: {str(e).splitlines()[0][:200]}") from None

@@ -1,0 +1,247 @@
+"""LongVideo-Reason data: JSONL rows -> validated examples -> prompts and CoT-SFT targets;
+a TFDS builder that writes array_record files (no TensorFlow), read by grain.
+
+A row: `problem`, `answer` ("B", "<answer>B</answer>", or free text), `videos` (a path or list
+of paths relative to the video dir), optional `reasoning`, `problem_type`, `data_type`,
+`problem_id`, `options` (a list, when the options are not already in the problem text),
+`category`. Every bad row is skipped with its reason in a `Report`; nothing is substituted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import re
+from typing import Iterable, Iterator
+
+from longrl_jax.data.video import VideoError, video_info
+
+log = logging.getLogger(__name__)
+
+VIDEO_TOKEN = "<video>"
+SYSTEM_THINKING = ("You are given a video. Answer the question about it. Think step by step "
+                   "inside <think> </think> tags, then give the final answer inside <answer> "
+                   "</answer> tags.")
+SYSTEM_NON_THINKING = ("You are given a video. Answer the question about it. Give the final "
+                       "answer inside <answer> </answer> tags.")
+MCQ_SUFFIX = "For a multiple choice question answer with the option letter only."
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+_LETTERS = "ABCDEFGH"
+
+
+class RowError(ValueError):
+    """A row that cannot be used; the message is the reason reported."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    problem_id: str
+    problem: str                 # question text, with options listed for MCQ
+    answer: str                  # bare: "B", or the open-ended reference text
+    videos: tuple[str, ...]      # absolute paths
+    problem_type: str            # "multiple_choice" | "open_ended"
+    reasoning: str = ""
+    category: str = ""
+
+    def messages(self, thinking: bool = True) -> list[dict]:
+        user = f"{VIDEO_TOKEN}\n{self.problem}"
+        if self.problem_type == "multiple_choice":
+            user += f"\n{MCQ_SUFFIX}"
+        return [{"role": "system", "content": SYSTEM_THINKING if thinking else SYSTEM_NON_THINKING},
+                {"role": "user", "content": user}]
+
+    def sft_target(self) -> str:
+        """The CoT-SFT completion: `<think>reasoning</think><answer>X</answer>`."""
+        return f"<think>{self.reasoning}</think><answer>{self.answer}</answer>"
+
+
+@dataclasses.dataclass
+class Report:
+    read: int = 0
+    kept: int = 0
+    skipped: list[dict] = dataclasses.field(default_factory=list)
+
+    def skip(self, row: int, reason: str) -> None:
+        log.warning("skipping row %d: %s", row, reason)
+        self.skipped.append({"row": row, "reason": reason})
+
+    def to_dict(self) -> dict:
+        return {"read": self.read, "kept": self.kept, "skipped": self.skipped}
+
+
+def strip_answer(answer: str) -> str:
+    m = _ANSWER_TAG.search(answer)
+    return (m.group(1) if m else answer).strip()
+
+
+def _video_path(rel: object, video_dir: str) -> str:
+    if not isinstance(rel, str) or not rel:
+        raise RowError(f"video path {rel!r} is not a non-empty string")
+    root = os.path.realpath(video_dir)
+    path = os.path.realpath(os.path.join(root, rel))
+    if os.path.isabs(rel) or os.path.commonpath([root, path]) != root:
+        raise RowError(f"video path {rel!r} escapes the video dir")
+    return path
+
+
+def parse_row(line: str | dict, video_dir: str, *, check_videos: bool = True,
+              index: int = 0) -> Example:
+    """One validated Example, or RowError with the reason."""
+    if isinstance(line, str):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RowError(f"malformed JSON ({e.msg} at column {e.colno})") from None
+    else:
+        row = line
+    if not isinstance(row, dict):
+        raise RowError(f"row is a JSON {type(row).__name__}, not an object")
+    for field in ("problem", "answer", "videos"):
+        if field not in row:
+            raise RowError(f"missing field {field!r}")
+    if not isinstance(row["problem"], str) or not row["problem"].strip():
+        raise RowError("problem is not a non-empty string")
+    if not isinstance(row["answer"], str):
+        raise RowError(f"answer is a {type(row['answer']).__name__}, not a string")
+    answer = strip_answer(row["answer"])
+    if not answer:
+        raise RowError("answer is empty")
+    videos = row["videos"] if isinstance(row["videos"], list) else [row["videos"]]
+    if not videos:
+        raise RowError("videos is empty")
+    paths = tuple(_video_path(v, video_dir) for v in videos)
+    if check_videos:
+        for p in paths:
+            try:
+                frames, _ = video_info(p)
+            except VideoError as e:
+                raise RowError(str(e)) from None
+            if frames <= 0:
+                raise RowError(f"video {p} has no frames")
+    problem = row["problem"].strip()
+    options = row.get("options")
+    ptype = row.get("problem_type") or ("multiple_choice" if options or
+                                        re.fullmatch(r"[A-H]", answer) else "open_ended")
+    if ptype == "multiple_choice":
+        if options and not re.search(r"(^|\n)\s*A[.)]", problem):
+            if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+                raise RowError("options is not a list of strings")
+            problem += "\nOptions:\n" + "\n".join(f"{_LETTERS[i]}. {o}"
+                                                  for i, o in enumerate(options))
+        if not re.fullmatch(r"[A-H]", answer.split(".")[0].strip()):
+            raise RowError(f"multiple-choice answer {answer!r} is not an option letter")
+        answer = answer.split(".")[0].strip()
+    reasoning = row.get("reasoning") or ""
+    if not isinstance(reasoning, str):
+        raise RowError("reasoning is not a string")
+    return Example(problem_id=str(row.get("problem_id", index)), problem=problem, answer=answer,
+                   videos=paths, problem_type=ptype, reasoning=reasoning.strip(),
+                   category=str(row.get("category") or row.get("problem_type") or ""))
+
+
+def read_jsonl(path: str, video_dir: str, report: Report | None = None, *,
+               check_videos: bool = True) -> Iterator[tuple[int, Example]]:
+    """(row index, Example) for every good row; bad rows go to `report` with their reason."""
+    report = report if report is not None else Report()
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            report.read += 1
+            try:
+                ex = parse_row(line, video_dir, check_videos=check_videos, index=i)
+            except RowError as e:
+                report.skip(i, str(e))
+                continue
+            report.kept += 1
+            yield i, ex
+
+
+# ----------------------------------------------------------------------- TFDS + grain
+@functools.lru_cache(maxsize=None)  # TFDS registers builder classes by name: define it once
+def _builder_class():
+    import tensorflow_datasets as tfds
+
+    class LongVideoReason(tfds.core.GeneratorBasedBuilder):
+        """Validated LongVideo-Reason examples as array_record; one JSON text per example."""
+
+        VERSION = tfds.core.Version("1.0.0")
+
+        def __init__(self, *, splits: dict[str, str], video_dir: str, **kw):
+            self._splits = splits
+            self._video_dir = video_dir
+            self.report: dict[str, Report] = {}
+            super().__init__(**kw)
+
+        def _info(self):
+            return self.dataset_info_from_configs(
+                features=tfds.features.FeaturesDict({"example": tfds.features.Text()}))
+
+        def _split_generators(self, dl_manager):
+            del dl_manager
+            return {name: self._generate_examples(name, path)
+                    for name, path in self._splits.items()}
+
+        def _generate_examples(self, split, path):
+            report = self.report.setdefault(split, Report())
+            for i, ex in read_jsonl(path, self._video_dir, report):
+                yield f"{i}", {"example": json.dumps(dataclasses.asdict(ex))}
+
+    return LongVideoReason
+
+
+def build_array_records(data_dir: str, splits: dict[str, str], video_dir: str) -> dict:
+    """Writes `data_dir/long_video_reason/1.0.0/*.array_record`; returns the per-split report."""
+    builder = _builder_class()(splits=splits, video_dir=video_dir, data_dir=data_dir,
+                               file_format="array_record")
+    builder.download_and_prepare()
+    with open(os.path.join(builder.data_dir, "report.json"), "w") as f:
+        json.dump({k: v.to_dict() for k, v in builder.report.items()}, f, indent=1)
+    return {k: v.to_dict() for k, v in builder.report.items()}
+
+
+def data_source(data_dir: str, split: str, splits: dict[str, str] | None = None,
+                video_dir: str = ""):
+    """The random-access array_record source of a built split (grain reads it)."""
+    builder = _builder_class()(splits=splits or {}, video_dir=video_dir, data_dir=data_dir,
+                               file_format="array_record")
+    return builder.as_data_source()[split]
+
+
+def decode(record) -> Example:
+    d = json.loads(record["example"])
+    d["videos"] = tuple(d["videos"])
+    return Example(**d)
+
+
+def loader(source, *, seed: int, shuffle: bool = True, num_epochs: int | None = 1,
+           shard_index: int | None = None, shard_count: int | None = None):
+    """A grain DataLoader over `source` yielding Examples, sharded across hosts (JAX process
+    index/count by default), with checkpointable iterator state (`get_state`/`set_state`)."""
+    import grain
+    import jax
+
+    shard = grain.sharding.ShardOptions(
+        shard_index=jax.process_index() if shard_index is None else shard_index,
+        shard_count=jax.process_count() if shard_count is None else shard_count,
+        drop_remainder=False)
+    sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard,
+                                          shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+
+    class Decode(grain.transforms.Map):
+        def map(self, record):
+            return decode(record)
+
+    return grain.DataLoader(data_source=source, sampler=sampler, operations=[Decode()],
+                            worker_count=0)
+
+
+def examples(path: str, video_dir: str, **kw) -> Iterable[Example]:
+    return (ex for _, ex in read_jsonl(path, video_dir, **kw))
+
+
+__all__ = ["Example", "Report", "RowError", "build_array_records", "data_source", "decode",
+           "examples", "loader", "parse_row", "read_jsonl", "strip_answer"]
