@@ -22,3 +22,11 @@ def sp_config(strategy: str = "ring", layout: str = "zigzag", frames_per_chunk: 
     return ml_collections.ConfigDict(dict(strategy=strategy, layout=layout,
                                           frames_per_chunk=frames_per_chunk,
                                           gather_chunk_rows=gather_chunk_rows))
+
+
+def data_config(num_frames: int | None = 16, fps: float | None = None,
+                max_frames: int | None = None, decode_batch: int = 32):
+    """Frame sampling: `num_frames` uniformly over the video, or `fps` with a `max_frames` cap
+    (set num_frames to None); frames are decoded `decode_batch` at a time."""
+    return ml_collections.ConfigDict(dict(num_frames=num_frames, fps=fps, max_frames=max_frames,
+                                          decode_batch=decode_batch))

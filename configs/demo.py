@@ -26,5 +26,6 @@ def get_config(arg: str | None = None):
     c.sharding_rules = common.sharding_rules()
     c.sp = common.sp_config()
     c.num_frames = 16
+    c.data = common.data_config(num_frames=16)
     c.stages = ("sft", "rl", "eval", "export")
     return c

@@ -13,41 +13,13 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from longrl_jax import build
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where the run writes everything", required=True)
 
 BUILT_STAGES: tuple[str, ...] = ()  # the training issue fills this in
-
-
-def build_model(config):
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from longrl_jax.models import ModelConfig, VLM, hf
-    from longrl_jax.parallel import mesh as mesh_lib
-
-    mesh = mesh_lib.make_mesh(dict(config.mesh))
-    rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding_rules)
-    param_dtype = getattr(jnp, config.model.param_dtype)
-    if config.model.checkpoint:
-        model = hf.load_pretrained(config.model.checkpoint, param_dtype=param_dtype, mesh=mesh,
-                                   rules=rules, remat=config.model.remat,
-                                   scan_layers=config.model.scan_layers)
-    else:
-        preset = getattr(ModelConfig, config.model.preset, None)
-        if preset is None:
-            raise ValueError(f"config.model.preset: unknown preset {config.model.preset!r}")
-        kw = {"vocab_size": config.model.vocab_size} if config.model.preset == "tiny" else {}
-        cfg = preset(**kw).replace(video_token_id=config.model.video_token_id,
-                                   separator_token_id=config.model.separator_token_id)
-        model = mesh_lib.create_sharded(
-            lambda: VLM(cfg, rngs=nnx.Rngs(config.seed), param_dtype=param_dtype,
-                        dtype=getattr(jnp, config.model.dtype), remat=config.model.remat,
-                        scan_layers=config.model.scan_layers), mesh, rules)
-    if mesh.shape["sequence"] > 1:
-        model.llm.enable_sequence_parallel(mesh, config.sp.strategy, layout=config.sp.layout)
-    return model, mesh
 
 
 def smoke_forward(model, config, mesh) -> dict:
@@ -70,9 +42,9 @@ def smoke_forward(model, config, mesh) -> dict:
                         tokens_per_frame=cfg.tokens_per_frame,
                         separator_id=cfg.separator_token_id)
 
-    rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding_rules)
     embeds = video.encode_video_sharded(model, frames, mesh=mesh,
-                                        frames_per_chunk=config.sp.frames_per_chunk, rules=rules)
+                                        frames_per_chunk=config.sp.frames_per_chunk,
+                                        rules=build.rules(config))
     spliced = nnx.jit(lambda m, ids, rows, e: m.splice(ids, rows, e))(
         model, jnp.asarray(lay.token_ids)[None], jnp.asarray(lay.video_rows)[None],
         embeds.reshape(-1, embeds.shape[-1]))
@@ -93,7 +65,7 @@ def main(argv):
     workdir = _WORKDIR.value
     os.makedirs(workdir, exist_ok=True)
     try:
-        model, mesh = build_model(config)
+        model, mesh = build.build_model(config)
     except ValueError as e:
         sys.exit(f"longrl_jax.main: {e}")
     logging.info("mesh %s", dict(mesh.shape))
