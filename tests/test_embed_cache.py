@@ -24,11 +24,13 @@ def dataset(tmp_path_factory):
     (d / "videos" / "empty.mp4").write_bytes(b"")
     data = open(d / "videos" / rows[0]["videos"][0], "rb").read()
     (d / "videos" / "cut.mp4").write_bytes(data[: len(data) // 3])
+    (d / "videos" / "junk.mp4").write_bytes(os.urandom(4000))
     bad = ["{oops", json.dumps({**rows[0], "answer": 7}),
            json.dumps({**rows[0], "videos": ["../../etc/passwd"]}),
            json.dumps({**rows[0], "videos": ["empty.mp4"]}),
            json.dumps({**rows[0], "videos": ["cut.mp4"]}),
-           json.dumps({**rows[0], "videos": ["nope.mp4"]})]
+           json.dumps({**rows[0], "videos": ["nope.mp4"]}),
+           json.dumps({**rows[0], "videos": ["junk.mp4"]})]
     lines = [json.dumps(rows[0]), *bad[:3], json.dumps(rows[1]), *bad[3:], json.dumps(rows[2]),
              json.dumps(rows[0])]  # a repeated video is encoded once
     (d / "mixed.jsonl").write_text("\n".join(lines) + "\n")
@@ -52,10 +54,11 @@ def test_tool_reports_bad_rows_and_reuses_the_cache(dataset, tmp_path):
     first = _run(dataset, cache)
     assert first["computed"] == 3 and first["cached"] == 0
     reasons = {s["row"]: s["reason"] for s in first["skipped"]}
-    assert sorted(reasons) == [1, 2, 3, 5, 6, 7]
+    assert sorted(reasons) == [1, 2, 3, 5, 6, 7, 8]
     assert "malformed JSON" in reasons[1] and "answer is a int" in reasons[2]
     assert "escapes the video dir" in reasons[3] and "empty video" in reasons[5]
-    assert "missing video" in reasons[7]
+    assert "missing video" in reasons[7] and "unreadable" in reasons[8]
+    assert "unreadable" in reasons[6] or "truncated" in reasons[6]
     again = _run(dataset, cache)
     assert again["computed"] == 0 and again["cached"] == 3
     fewer = _run(dataset, cache, "--config.data.num_frames=8")
