@@ -247,8 +247,9 @@ def attention(q, k, v, *, mesh, strategy: str = "all_gather_kv", causal: bool = 
     """Sequence-parallel exact attention; q [B,T,Hq,D], k/v [B,T,Hkv,D] sharded on T.
 
     `layout` says how T is ordered across the axis ('contiguous', or 'zigzag' as produced by
-    `pad_and_shard(layout='zigzag')`); `kv_valid` [B,T] masks padded keys. T must be a
-    multiple of the axis size (2x for zigzag): `pad_and_shard` pads.
+    `pad_and_shard(layout='zigzag')`); `kv_valid` [B,T] masks padded keys. A contiguous T that
+    the axis does not divide is padded here (masked keys at the end, rows dropped after); a
+    zig-zag T must already be a multiple of 2*sp (`pad_and_shard` makes it so).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown SP strategy {strategy!r}; choose from {STRATEGIES}")
@@ -257,9 +258,18 @@ def attention(q, k, v, *, mesh, strategy: str = "all_gather_kv", causal: bool = 
     if hq % hk:
         raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({hk})")
     sp = mesh.shape[axis]
-    layout_index(t, sp, layout)  # validates the length for the layout
     if kv_valid is None:
         kv_valid = jnp.ones((b, t), bool)
+    multiple = 2 * sp if strategy == "ring" and causal else sp
+    if layout == "contiguous" and t % multiple:
+        pad = -t % multiple
+        widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+        out = attention(jnp.pad(q, widths), jnp.pad(k, widths), jnp.pad(v, widths), mesh=mesh,
+                        strategy=strategy, causal=causal,
+                        kv_valid=jnp.pad(kv_valid, ((0, 0), (0, pad))), layout=layout,
+                        axis=axis, block_q=block_q, block_k=block_k)
+        return _to_spec(out, mesh, P())[:, :t]
+    layout_index(t, sp, layout)  # validates the length for the layout
     if sp == 1:
         idx = jnp.asarray(layout_index(t, 1, layout))
         return flash_attention(q, k, v, q_idx=idx, k_idx=idx, k_valid=kv_valid, causal=causal,
@@ -278,7 +288,16 @@ def attention(q, k, v, *, mesh, strategy: str = "all_gather_kv", causal: bool = 
 
     fn = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, vspec), out_specs=spec,
                        check_vma=False)
-    return fn(q, k, v, kv_valid)
+    q, k, v = (_to_spec(x, mesh, spec) for x in (q, k, v))
+    return fn(q, k, v, _to_spec(kv_valid, mesh, vspec))
+
+
+def _to_spec(x, mesh, spec):
+    """On a mesh with explicit axes, shard_map wants its inputs sharded as its in_specs say;
+    on an auto mesh it reshards them itself."""
+    if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        return jax.reshard(x, NamedSharding(mesh, spec))
+    return x
 
 
 def attention_fn(mesh, strategy: str, *, layout: str = "contiguous", axis: str = "sequence",
