@@ -29,7 +29,6 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from longrl_jax.models.flash import flash_attention  # noqa: E402
 from longrl_jax.models.layers import dense_attention  # noqa: E402

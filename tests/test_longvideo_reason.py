@@ -4,7 +4,6 @@ reason and skipped; TFDS array_record + grain round trip with shuffling, shardin
 import json
 import os
 
-import numpy as np
 import pytest
 
 from longrl_jax.data import longvideo_reason as lvr
