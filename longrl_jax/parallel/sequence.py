@@ -325,17 +325,20 @@ class ShardedSequence:
     length: int              # T before padding
     layout: str
 
-    def to_layout(self, original_positions: np.ndarray) -> np.ndarray:
-        """Layout positions of original indices (e.g. response token positions)."""
+    @property
+    def inverse(self) -> np.ndarray:
+        """[Tp] layout position of each original index."""
         inv = np.empty_like(self.index)
         inv[self.index] = np.arange(len(self.index), dtype=self.index.dtype)
-        return inv[np.asarray(original_positions)]
+        return inv
+
+    def to_layout(self, original_positions: np.ndarray) -> np.ndarray:
+        """Layout positions of original indices (e.g. response token positions)."""
+        return self.inverse[np.asarray(original_positions)]
 
     def unshard(self, x_bt):
         """Back to original order, padding removed: [B, T, ...]."""
-        inv = np.empty_like(self.index)
-        inv[self.index] = np.arange(len(self.index), dtype=self.index.dtype)
-        return jnp.take(x_bt, jnp.asarray(inv[: self.length]), axis=1)
+        return jnp.take(x_bt, jnp.asarray(self.inverse[: self.length]), axis=1)
 
 
 def pad_and_shard(*arrays, mesh, positions=None, valid=None, layout: str = "contiguous",
