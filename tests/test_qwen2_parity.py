@@ -32,6 +32,7 @@ def test_logits_match_transformers(pair):
     out = np.asarray(model.llm(jnp.asarray(ids)))
     assert out.shape == (3, 17, vocab)
     assert rel_err(out, ref) < 1e-4
+    np.testing.assert_array_equal(np.asarray(model.llm(torch.tensor(ids))), out)  # torch ids too
 
 
 def test_padded_batch_with_positions_matches(pair):

@@ -121,6 +121,8 @@ def test_encode_video_matches_torch_pipeline(tower_pair):
     out = model.encode_video(jnp.asarray(x.transpose(0, 2, 3, 1)))
     assert out.shape == ref.shape == (4, model.cfg.tokens_per_frame, 40)
     assert rel_err(out, ref) < 1e-4
+    # torch's channels-first pixel_values are accepted as they are
+    assert rel_err(model.encode_video(x), ref) < 1e-4
 
 
 def test_select_layer_from_top_config(tmp_path):

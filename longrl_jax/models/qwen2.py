@@ -124,7 +124,7 @@ class Qwen2ForCausalLM(nnx.Module):
         self.attn_fn = fn
 
     def embed(self, input_ids_bt: jax.Array) -> jax.Array:
-        return self.embed_tokens(input_ids_bt)
+        return self.embed_tokens(jnp.asarray(input_ids_bt))
 
     def hidden_states(self, input_ids_bt: jax.Array | None = None, *,
                       inputs_embeds_btd: jax.Array | None = None,

@@ -1,7 +1,8 @@
 """SigLIP vision tower in Flax NNX: patch embedding, learned positions, pre-LN encoder layers,
 post-layernorm, and the optional attention-pooling head.
 
-Frames come channels-last, `[F, H, W, C]`, already normalised (mean/std 0.5). The patch
+Frames come channels-last, `[F, H, W, C]` (torch's channels-first `[F, C, H, W]` pixel_values
+are accepted too), already normalised (mean/std 0.5). The patch
 "convolution" is a reshape plus one einsum: the stride equals the kernel, so they are the same op.
 """
 
@@ -29,11 +30,15 @@ class SiglipEmbeddings(nnx.Module):
                                         (None, "vision_embed"), param_dtype)
 
     def __call__(self, frames_fhwc: jax.Array) -> jax.Array:
+        frames_fhwc = jnp.asarray(frames_fhwc)
+        size, ch = self.cfg.image_size, self.cfg.num_channels
+        if frames_fhwc.ndim == 4 and frames_fhwc.shape[1:] == (ch, size, size):
+            frames_fhwc = frames_fhwc.transpose(0, 2, 3, 1)  # torch's [F, C, H, W] pixel_values
         f, h, w, c = frames_fhwc.shape
         p, g = self.cfg.patch_size, self.cfg.grid
-        if (h, w, c) != (self.cfg.image_size, self.cfg.image_size, self.cfg.num_channels):
-            raise ValueError(f"frames must be [F, {self.cfg.image_size}, {self.cfg.image_size}, "
-                             f"{self.cfg.num_channels}], got {frames_fhwc.shape}")
+        if (h, w, c) != (size, size, ch):
+            raise ValueError(f"frames must be [F, {size}, {size}, {ch}] (or [F, {ch}, {size}, "
+                             f"{size}]), got {frames_fhwc.shape}")
         x = frames_fhwc.astype(self.dtype).reshape(f, g, p, g, p, c)
         x = jnp.einsum("FgphqC,pqCD->FghD", x, self.patch_kernel[...].astype(self.dtype))
         x_fnd = x.reshape(f, g * g, -1) + self.patch_bias[...].astype(self.dtype)
