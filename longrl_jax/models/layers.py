@@ -157,7 +157,3 @@ def dense_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, *,
     probs = jnp.where(mask[:, None, None].any(-1, keepdims=True), probs, 0.0)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_bskh.astype(jnp.float32))
     return out.reshape(b, t, n, h).astype(q_btnh.dtype)
-
-
-def gelu(x: jax.Array, approximate: bool) -> jax.Array:
-    return jax.nn.gelu(x, approximate=approximate)

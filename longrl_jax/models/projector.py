@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longrl_jax.models.config import ProjectorConfig
-from longrl_jax.models.layers import Einsum, LayerNorm, gelu
+from longrl_jax.models.layers import Einsum, LayerNorm
 
 
 def merge_2x2(x_fnd: jax.Array) -> jax.Array:
@@ -45,4 +45,4 @@ class Projector(nnx.Module):
 
     def __call__(self, x_fnd: jax.Array) -> jax.Array:
         h = self.linear_1(self.layer_norm(merge_2x2(x_fnd)))
-        return self.linear_2(gelu(h, approximate=False))
+        return self.linear_2(jax.nn.gelu(h, approximate=False))

@@ -14,7 +14,7 @@ from flax import nnx
 
 from longrl_jax.models.config import VisionConfig
 from longrl_jax.models.layers import (Einsum, LayerNorm, default_kernel_init, dense_attention,
-                                      gelu, param, zeros)
+                                      param, zeros)
 
 
 class SiglipEmbeddings(nnx.Module):
@@ -76,7 +76,7 @@ class SiglipMLP(nnx.Module):
                           bias_axes=("vision_embed",), **kw)
 
     def __call__(self, x):
-        return self.fc2(gelu(self.fc1(x), self.approximate))
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=self.approximate))
 
 
 class SiglipEncoderLayer(nnx.Module):
