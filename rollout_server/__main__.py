@@ -1,0 +1,93 @@
+"""`python -m rollout_server --model_dir DIR [--host 127.0.0.1] [--port N] [--token-file F]`.
+
+Starts the vLLM engine on the LLM part of DIR, warms it up, then serves the rollout protocol until
+`Shutdown` or SIGTERM/SIGINT. Start-up errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m rollout_server", description=__doc__.split("\n")[0])
+    p.add_argument("--model_dir", "--model-dir", required=True,
+                   help="HF checkpoint: a LongVILA dir (its llm/ is served) or a Qwen2 dir")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="bind address; anything but loopback requires --token-file")
+    p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    p.add_argument("--token-file", "--token_file", dest="token_file", default=None,
+                   help="file holding the shared token every call must present")
+    p.add_argument("--max-embedding-bytes", "--max_embedding_bytes", dest="max_embedding_bytes",
+                   type=int, default=8 << 30, help="LRU budget of the video-embedding store")
+    p.add_argument("--shm-dir", "--shm_dir", dest="shm_dir", default="/dev/shm",
+                   help="where same-host weight updates may be read from")
+    g = p.add_argument_group("engine")
+    g.add_argument("--dtype", default="auto", help="serving dtype; auto = the checkpoint's")
+    g.add_argument("--max-model-len", "--max_model_len", dest="max_model_len", type=int,
+                   default=4096)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--gpu-memory-utilization", "--gpu_memory_utilization",
+                   dest="gpu_memory_utilization", type=float, default=0.5)
+    g.add_argument("--tensor-parallel-size", "--tensor_parallel_size",
+                   dest="tensor_parallel_size", type=int, default=1)
+    g.add_argument("--no-warmup", dest="warmup", action="store_false")
+    return p.parse_args(argv)
+
+
+def fail(message: str) -> None:
+    print(f"rollout_server: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from rollout_server.service import is_loopback
+
+    token = None
+    if args.token_file:
+        try:
+            with open(args.token_file) as f:
+                token = f.read().strip()
+        except OSError as e:
+            fail(f"--token-file {args.token_file}: {e.strerror}")
+        if not token:
+            fail(f"--token-file {args.token_file} is empty")
+    if not is_loopback(args.host) and not token:
+        fail(f"--host {args.host} is not a loopback address; refusing to serve without "
+             f"--token-file")
+    if not 0 <= args.port < 65536:
+        fail(f"--port {args.port}: not a port number")
+
+    from rollout_server.engine import Engine, EngineOptions, StartupError
+    from rollout_server.service import RolloutService, serve
+
+    try:
+        engine = Engine(EngineOptions(
+            model_dir=args.model_dir, dtype=args.dtype, max_model_len=args.max_model_len,
+            seed=args.seed, gpu_memory_utilization=args.gpu_memory_utilization,
+            tensor_parallel_size=args.tensor_parallel_size, warmup=args.warmup))
+    except StartupError as e:
+        fail(str(e))
+    service = RolloutService(engine, max_embedding_bytes=args.max_embedding_bytes,
+                             shm_dir=args.shm_dir)
+    try:
+        server, port = serve(service, args.host, args.port, token)
+    except (OSError, RuntimeError) as e:
+        fail(f"cannot serve on {args.host}:{args.port}: {e}")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: service.shutdown_event.set())
+    print(f"rollout_server: serving {engine.path} on {args.host}:{port} "
+          f"(dtype {engine.dtype}, max_model_len {engine.max_model_len})", flush=True)
+    service.shutdown_event.wait()
+    server.stop(grace=2).wait()
+    engine.close()
+    print("rollout_server: stopped", flush=True)
+    os._exit(0)  # vLLM's engine-core process is shut down by its own atexit/parent-death hooks
+
+
+if __name__ == "__main__":
+    main()
