@@ -90,7 +90,8 @@ def test_score_batch_rule_types():
              None, "OCR"]
     gts = ["B", "C", "3", "the red car", "blue", "A", "STOP"]
     responses = [GOOD, "<answer>C</answer>", "<answer>3.0</answer>",
-                 "<answer>The red car</answer>", "<answer>Blue</answer>", "A", "<answer>stop</answer>"]
+                 "<answer>The red car</answer>", "<answer>Blue</answer>", "A",
+                 "<answer>stop</answer>"]
     got = score_batch(responses, gts, types)  # no judge: the rule for every type
     assert [s["accuracy"] for s in got] == [1.0] * 7
     assert [s["format"] for s in got] == [1.0] + [0.0] * 6
