@@ -1,0 +1,1 @@
+"""RL: advantage estimators, losses and KL penalties (algorithms.py), rewards (rewards.py)."""
