@@ -10,6 +10,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -25,6 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    type=int, default=8 << 30, help="LRU budget of the video-embedding store")
     p.add_argument("--shm-dir", "--shm_dir", dest="shm_dir", default="/dev/shm",
                    help="where same-host weight updates may be read from")
+    p.add_argument("--parent-pid", "--parent_pid", dest="parent_pid", type=int, default=None,
+                   help="stop when this process (the trainer that started us) is gone")
     g = p.add_argument_group("engine")
     g.add_argument("--dtype", default="auto", help="serving dtype; auto = the checkpoint's")
     g.add_argument("--max-model-len", "--max_model_len", dest="max_model_len", type=int,
@@ -34,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    dest="gpu_memory_utilization", type=float, default=0.5)
     g.add_argument("--tensor-parallel-size", "--tensor_parallel_size",
                    dest="tensor_parallel_size", type=int, default=1)
+    g.add_argument("--block-size", "--block_size", dest="block_size", type=int, default=None,
+                   help="KV-cache block size (prefix-cache granularity); default: vLLM's")
     g.add_argument("--no-warmup", dest="warmup", action="store_false")
     return p.parse_args(argv)
 
@@ -41,6 +46,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def fail(message: str) -> None:
     print(f"rollout_server: error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def _watch_parent(pid: int, stop: threading.Event) -> None:
+    """A trainer killed with SIGKILL cannot stop us: notice that we were re-parented."""
+    while not stop.wait(1.0):
+        if os.getppid() != pid:
+            print(f"rollout_server: parent {pid} is gone; stopping", flush=True)
+            stop.set()
 
 
 def main(argv=None) -> None:
@@ -69,7 +82,8 @@ def main(argv=None) -> None:
         engine = Engine(EngineOptions(
             model_dir=args.model_dir, dtype=args.dtype, max_model_len=args.max_model_len,
             seed=args.seed, gpu_memory_utilization=args.gpu_memory_utilization,
-            tensor_parallel_size=args.tensor_parallel_size, warmup=args.warmup))
+            tensor_parallel_size=args.tensor_parallel_size, block_size=args.block_size,
+            warmup=args.warmup))
     except StartupError as e:
         fail(str(e))
     service = RolloutService(engine, max_embedding_bytes=args.max_embedding_bytes,
@@ -78,6 +92,9 @@ def main(argv=None) -> None:
         server, port = serve(service, args.host, args.port, token)
     except (OSError, RuntimeError) as e:
         fail(f"cannot serve on {args.host}:{args.port}: {e}")
+    if args.parent_pid:
+        threading.Thread(target=_watch_parent, args=(args.parent_pid, service.shutdown_event),
+                         daemon=True).start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: service.shutdown_event.set())
     print(f"rollout_server: serving {engine.path} on {args.host}:{port} "
@@ -86,7 +103,7 @@ def main(argv=None) -> None:
     server.stop(grace=2).wait()
     engine.close()
     print("rollout_server: stopped", flush=True)
-    os._exit(0)  # vLLM's engine-core process is shut down by its own atexit/parent-death hooks
+    os._exit(0)  # grpc and vLLM leave non-daemon threads; everything is already stopped
 
 
 if __name__ == "__main__":

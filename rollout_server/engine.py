@@ -40,6 +40,7 @@ class EngineOptions:
     enforce_eager: bool = True
     gpu_memory_utilization: float = 0.5
     tensor_parallel_size: int = 1
+    block_size: int | None = None    # None: vLLM's default (128 on CPU)
     warmup: bool = True
 
 
@@ -138,6 +139,8 @@ class Engine:
         self.stats = {"requests": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0,
                       "generated_tokens": 0, "weight_updates": 0, "rejected_updates": 0}
         self.llm = self._start_vllm()
+        self.block_size = int(getattr(self.llm.llm_engine.vllm_config.cache_config,
+                                      "block_size", 0) or 0)
         self._counters = self._read_counters()
         if opts.warmup:  # compiles the log-prob helpers now rather than in the first request
             from vllm import SamplingParams
@@ -162,6 +165,7 @@ class Engine:
                        skip_tokenizer_init=not tokenizer, disable_log_stats=False,
                        gpu_memory_utilization=self.opts.gpu_memory_utilization,
                        tensor_parallel_size=self.opts.tensor_parallel_size,
+                       block_size=self.opts.block_size,
                        worker_extension_cls=WORKER_EXTENSION)
         except Exception as e:  # vLLM raises many types; the server prints one line and exits
             msg = " ".join(str(e).split()) or type(e).__name__
@@ -194,8 +198,13 @@ class Engine:
         return [(n, self.dtype, s) for n, s in sorted(self.shapes.items())]
 
     def close(self) -> None:
+        """Stops the engine thread and vLLM's engine-core process (which would outlive us)."""
         self._jobs.put(None)
         self._thread.join(timeout=30)
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        except Exception:  # best effort: the process group is killed by the launcher anyway
+            pass
 
     def _submit(self, kind, payload) -> cf.Future:
         fut: cf.Future = cf.Future()

@@ -58,6 +58,10 @@ def _handle(fn):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except MemoryError as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e) or "out of memory")
+        except grpc.RpcError:
+            raise  # an abort already carrying its status
+        except Exception as e:  # a bug or an engine failure: report it, keep serving
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
     wrapper.__name__ = fn.__name__
     return wrapper
 
@@ -90,6 +94,7 @@ class RolloutService(pb_grpc.RolloutServicer):
                       "protocol": PROTOCOL_VERSION},
             dtype=e.dtype, hidden_size=e.hidden_size, vocab_size=e.vocab_size,
             max_model_len=e.max_model_len, max_embedding_bytes=self.store.max_bytes,
+            block_size=e.block_size,
             stats=pb.Stats(embedding_entries=len(self.store), embedding_bytes=self.store.nbytes,
                            **e.stats))
 
@@ -191,7 +196,7 @@ class RolloutService(pb_grpc.RolloutServicer):
                                   seed=s.seed if s.HasField("seed") else None,
                                   stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
                                   logprobs=0, detokenize=False)
-        except ValueError as err:  # vLLM's own rules, e.g. n > 1 with greedy sampling
+        except Exception as err:  # vLLM's own rules, e.g. n > 1 with greedy sampling
             raise _bad(f"sampling: {err}") from None
 
     def _prompt(self, i: int, prompt, max_tokens: int) -> dict:

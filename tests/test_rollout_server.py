@@ -1,0 +1,344 @@
+"""The rollout server end to end: real vLLM engine, real gRPC, a transformers checkpoint.
+
+One server (with a token) is shared by the module; the restart test runs last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from longrl_jax.rl.rollout_client import (EmbeddingRef, RolloutClient, RolloutError,
+                                          StaleWeightsError)
+from longrl_jax.rl.rollout_launcher import RolloutServerProcess
+from rollout_fixtures import TOKEN, server_env, write_served_qwen2
+
+MAX_LEN = 1024
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    path = write_served_qwen2(str(tmp_path_factory.mktemp("served") / "qwen2"))
+    log = str(tmp_path_factory.getbasetemp() / "rollout_server.log")
+    server = RolloutServerProcess(path, token=TOKEN, env=server_env(), log_path=log,
+                                  args=["--max-model-len", str(MAX_LEN), "--block-size", "32"])
+    with server:
+        yield server, path
+
+
+@pytest.fixture(scope="module")
+def weights(served):
+    _, path = served
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def _hf_model(path):
+    from transformers import Qwen2ForCausalLM
+    return Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+PROMPT = [9, 20, 31, 42, 53, 64, 75, 86]
+
+
+# ---- parity with transformers and the JAX model ------------------------------------------------
+
+def test_greedy_matches_transformers_and_jax(served):
+    server, path = served
+    [[s]] = server.client.generate([PROMPT], n=1, max_tokens=12, temperature=0.0, ignore_eos=True)
+    assert s.weight_version == 0 and len(s.token_ids) == 12 and s.finish_reason == "length"
+    hf = _hf_model(path)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=12, do_sample=False,
+                          min_new_tokens=12, pad_token_id=0)[0, len(PROMPT):].tolist()
+        assert s.token_ids == ref
+        logits = hf(torch.tensor([PROMPT + s.token_ids])).logits[0, len(PROMPT) - 1:-1]
+        ref_lp = torch.log_softmax(logits, -1)[torch.arange(12), torch.tensor(s.token_ids)]
+    np.testing.assert_allclose(s.logprobs, ref_lp.numpy(), atol=2e-3)
+
+    import jax.numpy as jnp
+    from longrl_jax.models import hf as hf_io
+    from longrl_jax.models.qwen2 import token_logprobs
+    model = hf_io.load_pretrained(path)
+    ids = jnp.asarray([PROMPT + s.token_ids])
+    lp, _ = token_logprobs(model.llm(ids[:, :-1]), ids[:, 1:])
+    np.testing.assert_allclose(s.logprobs, np.asarray(lp[0, len(PROMPT) - 1:]), atol=2e-3)
+
+
+def test_sampled_logprobs_match_transformers(served):
+    server, path = served
+    samples = server.client.generate([PROMPT], n=4, max_tokens=10, temperature=1.0, seed=7,
+                                     ignore_eos=True)[0]
+    assert len({tuple(s.token_ids) for s in samples}) > 1
+    hf = _hf_model(path)
+    for s in samples:
+        with torch.no_grad():
+            logits = hf(torch.tensor([PROMPT + s.token_ids])).logits[0, len(PROMPT) - 1:-1]
+        ref = torch.log_softmax(logits, -1)[torch.arange(10), torch.tensor(s.token_ids)]
+        np.testing.assert_allclose(s.logprobs, ref.numpy(), atol=2e-3)
+    again = server.client.generate([PROMPT], n=4, max_tokens=10, temperature=1.0, seed=7,
+                                   ignore_eos=True)[0]
+    assert [s.token_ids for s in again] == [s.token_ids for s in samples]  # seeded
+
+
+# ---- prompt embeddings and splicing ------------------------------------------------------------
+
+def test_embedding_rows_equal_token_ids(served, weights):
+    client = served[0].client
+    table = weights["model.embed_tokens.weight"]
+    assert client.put_embeddings("rows-of-prompt", table[PROMPT]) is True
+    assert client.put_embeddings("rows-of-prompt", table[PROMPT]) is False  # idempotent
+    assert client.has_embeddings(["rows-of-prompt", "nope"]) == [True, False]
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, seed=3, n=3)):
+        by_ids = client.generate([PROMPT], max_tokens=8, ignore_eos=True, **kw)[0]
+        by_rows = client.generate([[EmbeddingRef("rows-of-prompt")]], max_tokens=8,
+                                  ignore_eos=True, **kw)[0]
+        assert [s.token_ids for s in by_rows] == [s.token_ids for s in by_ids]
+        np.testing.assert_allclose([s.logprobs for s in by_rows], [s.logprobs for s in by_ids],
+                                   atol=1e-5)
+
+
+def test_spliced_prompt_equals_full_embedding_sequence(served, weights):
+    client = served[0].client
+    table = weights["model.embed_tokens.weight"]
+    video = np.random.default_rng(0).normal(size=(12, 64)).astype(np.float32)
+    client.put_embeddings("video-a", video)
+    head, tail = [5, 6, 7], [8, 9]
+    full = np.concatenate([table[head], video[2:10], table[tail]])
+    client.put_embeddings("full-sequence", full)
+    spliced = [head, EmbeddingRef("video-a", 2, 10), tail]
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, seed=11, n=2)):
+        a = client.generate([spliced], max_tokens=8, ignore_eos=True, **kw)[0]
+        b = client.generate([["full-sequence"]], max_tokens=8, ignore_eos=True, **kw)[0]
+        assert [s.token_ids for s in a] == [s.token_ids for s in b]
+
+
+def test_splice_layout_segments_round_trip(served, weights):
+    """The trainer's SpliceLayout segments, sent by reference, equal the spliced embeddings."""
+    from longrl_jax.models.splice import splice_layout, splice_embeddings
+    from longrl_jax.rl.rollout_client import spliced_prompt
+    client = served[0].client
+    table = weights["model.embed_tokens.weight"]
+    video = np.random.default_rng(1).normal(size=(3 * 4, 64)).astype(np.float32)
+    lay = splice_layout([5, 6, 3, 7, 8], video_token_id=3, frames_per_video=[3],
+                        tokens_per_frame=4, separator_id=4)
+    client.put_embeddings("video-b", video)
+    full = splice_embeddings(table[lay.token_ids], video, lay.video_rows, xp=np)
+    client.put_embeddings("video-b-spliced", np.asarray(full, np.float32))
+    a = client.generate([spliced_prompt(lay, "video-b")], max_tokens=6, temperature=0.0)[0]
+    b = client.generate([["video-b-spliced"]], max_tokens=6, temperature=0.0)[0]
+    assert a[0].token_ids == b[0].token_ids
+
+
+# ---- shared prefill ----------------------------------------------------------------------------
+
+def test_n_samples_share_one_prefill(served):
+    client = served[0].client
+    rng = random.Random(5)
+    T = 600
+    computed = {}
+    for n in (1, 8):
+        prompt = [rng.randrange(10, 200) for _ in range(T)]  # fresh: nothing cached yet
+        client.generate([prompt], n=n, max_tokens=4, temperature=1.0, seed=1, ignore_eos=True)
+        computed[n] = client.last_computed_prompt_tokens
+    block = client.info().block_size
+    assert block == 32
+    assert computed[1] == T
+    # one prefill, plus the last partial cache block once per extra sample (not n * T)
+    assert computed[8] == T + 7 * (T % block), computed
+
+
+# ---- weight updates ----------------------------------------------------------------------------
+
+def _greedy(client):
+    return client.generate([PROMPT], max_tokens=10, temperature=0.0, ignore_eos=True)[0][0].token_ids
+
+
+def test_update_weights_changes_and_restores(served, weights):
+    client = served[0].client
+    before = _greedy(client)
+    v0 = client.info().weight_version
+    changed = {k: (v * 1.7 if k.endswith("embed_tokens.weight") else v) for k, v in weights.items()}
+    for transport in ("shm", "stream"):
+        v = client.info().weight_version
+        reply = client.update_weights(changed, v + 1, transport=transport)
+        assert reply.weight_version == v + 1
+        assert _greedy(client) != before
+        client.update_weights(weights, v + 2, transport=transport)
+        assert _greedy(client) == before
+    assert client.info().weight_version == v0 + 4
+    with pytest.raises(StaleWeightsError):
+        client.generate([PROMPT], max_tokens=2, temperature=0.0, min_weight_version=v0 + 99)
+
+
+@pytest.mark.parametrize("case", ["shape", "unknown", "dtype", "nan", "missing", "old_version"])
+def test_bad_update_is_rejected_and_old_weights_serve(served, weights, case):
+    client = served[0].client
+    before = _greedy(client)
+    v = client.info().weight_version
+    bad = dict(weights)
+    name = "model.layers.0.mlp.up_proj.weight"
+    if case == "shape":
+        bad[name] = bad[name][:-1]
+    elif case == "unknown":
+        bad["model.layers.9.mlp.up_proj.weight"] = bad[name]
+    elif case == "dtype":
+        bad[name] = bad[name].astype(np.float16)
+    elif case == "nan":
+        bad[name] = bad[name].copy()
+        bad[name][3, 5] = np.nan
+    elif case == "missing":
+        del bad[name]
+    version = v if case == "old_version" else v + 1
+    with pytest.raises(RolloutError) as err:
+        client.update_weights({k: val * 2 for k, val in bad.items()}, version)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert client.info().weight_version == v
+    assert _greedy(client) == before
+
+
+# ---- bad requests --------------------------------------------------------------------------------
+
+def _code(fn):
+    with pytest.raises(RolloutError) as err:
+        fn()
+    return err.value.code
+
+
+def test_bad_requests_get_clear_errors(served):
+    client = served[0].client
+    g = client.generate
+    IA = grpc.StatusCode.INVALID_ARGUMENT
+    assert _code(lambda: g([["no-such-key"]], max_tokens=2)) == grpc.StatusCode.NOT_FOUND
+    assert _code(lambda: g([[]], max_tokens=2)) == IA
+    assert _code(lambda: g([], max_tokens=2)) == IA
+    assert _code(lambda: g([[5] * MAX_LEN], max_tokens=2)) == IA
+    assert _code(lambda: g([PROMPT], max_tokens=0)) == IA
+    assert _code(lambda: g([PROMPT], n=-1, max_tokens=2)) == IA  # 0 is proto3's unset: n=1
+    assert _code(lambda: g([PROMPT], max_tokens=2, temperature=-1.0)) == IA
+    assert _code(lambda: g([PROMPT], max_tokens=2, temperature=float("nan"))) == IA
+    assert _code(lambda: g([PROMPT], max_tokens=2, top_p=1.5)) == IA
+    assert _code(lambda: g([PROMPT], n=3, max_tokens=2, temperature=0.0)) == IA
+    assert _code(lambda: g([[5, 10 ** 6]], max_tokens=2)) == IA
+    assert _code(lambda: g([[EmbeddingRef("video-a", 5, 99)]], max_tokens=2)) == IA
+    assert _code(lambda: client.put_embeddings("wrong-width", np.zeros((3, 7), np.float32))) == IA
+    nan = np.zeros((3, 64), np.float32)
+    nan[1, 1] = np.nan
+    assert _code(lambda: client.put_embeddings("nan-rows", nan)) == IA
+    with pytest.raises(RolloutError, match="temperature"):
+        g([PROMPT], max_tokens=2, temperature=-1.0)
+
+
+def test_token_is_required(served):
+    server, _ = served
+    for token in (None, "wrong"):
+        with RolloutClient(server.address, token) as c:
+            assert _code(lambda: c.info()) == grpc.StatusCode.UNAUTHENTICATED
+            assert _code(lambda: c.put_embeddings("x", np.zeros((1, 64), np.float32))) == \
+                grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_survives_1000_malformed_requests(served):
+    client = served[0].client
+    before = _greedy(client)
+    channel = grpc.insecure_channel(client.address)
+    md = (("authorization", f"Bearer {TOKEN}"),)
+    rng = random.Random(0)
+    methods = ["Health", "Info", "HasEmbeddings", "Generate", "Shutdown"]
+    from rollout_server.protos import rollout_pb2 as pb
+    errors = 0
+    for i in range(1000):
+        kind = i % 4
+        try:
+            if kind == 0:  # garbage bytes on a unary method (Shutdown included: must not parse)
+                m = channel.unary_unary(f"/longrl.rollout.v1.Rollout/{rng.choice(methods)}",
+                                        request_serializer=None, response_deserializer=None)
+                m(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64))) + b"\xff\xff",
+                  timeout=10, metadata=md)
+            elif kind == 1:  # structurally valid, semantically bad Generate
+                prompt = pb.Prompt(segments=[pb.Segment(tokens=pb.TokenIds(
+                    ids=[rng.randrange(-5, 10 ** 6) for _ in range(rng.randrange(0, 5))]))])
+                req = pb.GenerateRequest(prompts=[prompt] * rng.randrange(0, 3), sampling=pb.SamplingOptions(
+                    n=rng.randrange(-2, 3), max_tokens=rng.randrange(-3, 2),
+                    temperature=rng.choice([-1.0, float("inf"), float("nan"), 0.5]),
+                    top_p=rng.choice([-0.5, 2.0, 0.3]), top_k=rng.randrange(-10, 0)))
+                channel.unary_unary("/longrl.rollout.v1.Rollout/Generate",
+                                    request_serializer=pb.GenerateRequest.SerializeToString,
+                                    response_deserializer=pb.GenerateReply.FromString)(
+                    req, timeout=10, metadata=md)
+            elif kind == 2:  # bad embedding streams
+                chunks = [pb.EmbeddingChunk(key=rng.choice(["", "k", "x" * 300]), dtype=rng.choice(
+                    ["float32", "int8", ""]), shape=[rng.randrange(-2, 3)] * rng.randrange(0, 4),
+                    data=bytes(rng.randrange(0, 40)))]
+                channel.stream_unary("/longrl.rollout.v1.Rollout/PutEmbeddings",
+                                     request_serializer=pb.EmbeddingChunk.SerializeToString,
+                                     response_deserializer=pb.PutEmbeddingsReply.FromString)(
+                    iter(chunks), timeout=10, metadata=md)
+            else:  # bad weight updates: empty, missing bytes, outside shm dir
+                chunk = rng.choice([pb.WeightChunk(), pb.WeightChunk(version=10 ** 6, total_bytes=8),
+                                    pb.WeightChunk(version=10 ** 6, total_bytes=8,
+                                                   shm_path="/etc/passwd")])
+                channel.stream_unary("/longrl.rollout.v1.Rollout/UpdateWeights",
+                                     request_serializer=pb.WeightChunk.SerializeToString,
+                                     response_deserializer=pb.UpdateWeightsReply.FromString)(
+                    iter([chunk]), timeout=10, metadata=md)
+        except grpc.RpcError as e:
+            assert e.code() != grpc.StatusCode.UNAVAILABLE, e
+            errors += 1
+    assert errors == 1000
+    assert client.health().ready
+    assert _greedy(client) == before
+
+
+# ---- start-up errors ---------------------------------------------------------------------------
+
+def _start(args, tmp_path):
+    return subprocess.run([sys.executable, "-m", "rollout_server", *args], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+
+
+def test_startup_errors_exit_with_one_line(tmp_path):
+    r = _start(["--model_dir", str(tmp_path / "missing")], tmp_path)
+    assert r.returncode == 2 and "not a directory" in r.stderr
+    assert r.stderr.strip().count("\n") == 0
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    r = _start(["--model_dir", str(tmp_path / "m")], tmp_path)
+    assert r.returncode == 2 and "GPT2LMHeadModel is not supported" in r.stderr
+    r = _start(["--model_dir", str(tmp_path / "m"), "--host", "0.0.0.0"], tmp_path)
+    assert r.returncode == 2 and "refusing to serve without --token-file" in r.stderr
+
+
+# ---- the launcher restarts a dead server (last: it replaces the shared server) ---------------------
+
+def test_launcher_restarts_and_resends(served, weights):
+    server, _ = served
+    client = server.client
+    changed = {k: v * 1.3 for k, v in weights.items()}
+    v = client.info().weight_version
+    client.update_weights(changed, v + 1)
+    want = _greedy(client)
+    video = np.random.default_rng(2).normal(size=(6, 64)).astype(np.float32)
+    client.put_embeddings("video-r", video)
+    want_video = client.generate([[[5], "video-r"]], max_tokens=5, temperature=0.0)[0][0].token_ids
+
+    server.on_restart = lambda c: c.update_weights(changed, v + 1)
+    server.process.kill()
+    server.process.wait()
+    assert _greedy_via(server) == want
+    assert server.restarts == 1
+    # the restarted server lost the embedding; the client re-sends what it remembers
+    got = server.call(lambda c: c.generate([[[5], "video-r"]], max_tokens=5, temperature=0.0))
+    assert got[0][0].token_ids == want_video
+
+
+def _greedy_via(server):
+    return server.call(_greedy)
