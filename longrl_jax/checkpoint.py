@@ -96,7 +96,9 @@ class TrainCheckpointer:
 
     def save(self, step: int, *, model: nnx.Module, optimizer: nnx.Optimizer | None = None,
              extra: dict | None = None, force: bool = False) -> bool:
-        """Starts saving `step` (in the background if async); False if the interval skips it.
+        """Starts saving `step` (in the background if async). False when nothing is saved: the
+        interval skips the step (unless `force`), or the step is already saved (a final
+        `force=True` save that lands on an interval step keeps the first).
 
         `extra` must be JSON-able once bytes values are base64-encoded (they come back as
         bytes); tuples come back as lists and dict keys as strings. It is checked here, not in
@@ -104,6 +106,8 @@ class TrainCheckpointer:
         """
         extra = _encode(dict(extra or {}))
         json.dumps(extra)
+        if step in self._manager.all_steps():
+            return False
         items = {_PARAMS: ocp.args.StandardSave(_params(model)), _EXTRA: ocp.args.JsonSave(extra)}
         if optimizer is not None:
             items[_OPT] = ocp.args.StandardSave(_opt_state(optimizer))

@@ -134,6 +134,7 @@ def test_keeps_last_n_and_interval(tmp_path):
         saved = [ckpt.save(s, model=model, extra={}) for s in range(5)]
         assert saved == [True, False, True, False, True]
         assert ckpt.save(5, model=model, extra={}, force=True)
+        assert not ckpt.save(4, model=model, extra={}, force=True)  # already saved
         ckpt.wait()
         assert ckpt.all_steps() == [2, 4, 5]  # max_to_keep=3
 
