@@ -30,3 +30,77 @@ def data_config(num_frames: int | None = 16, fps: float | None = None,
     (set num_frames to None); frames are decoded `decode_batch` at a time."""
     return ml_collections.ConfigDict(dict(num_frames=num_frames, fps=fps, max_frames=max_frames,
                                           decode_batch=decode_batch))
+
+
+def optimizer_config(lr: float, warmup_steps: int = 0, weight_decay: float = 0.01,
+                     grad_clip: float = 1.0, b1: float = 0.9, b2: float = 0.999):
+    """AdamW (Long-RL: lr 1e-6, betas 0.9/0.999, weight decay 0.01, clip 1.0, constant)."""
+    return ml_collections.ConfigDict(dict(lr=lr, warmup_steps=warmup_steps,
+                                          weight_decay=weight_decay, grad_clip=grad_clip,
+                                          b1=b1, b2=b2))
+
+
+def synthetic_dataset(num_train: int, num_eval: int, video_frames: int, size: int = 32,
+                      seed: int = 0):
+    """The embedded synthetic long-video suite, generated into WORKDIR/data on first use."""
+    return ml_collections.ConfigDict(dict(
+        kind="synthetic", train="", eval="", video_dir="", tokenizer="",
+        synthetic=dict(num_train=num_train, num_eval=num_eval, video_frames=video_frames,
+                       size=size, seed=seed)))
+
+
+def jsonl_dataset(train: str, eval: str, video_dir: str, tokenizer: str):
+    """LongVideo-Reason JSONL splits, their video directory and the model's tokenizer."""
+    return ml_collections.ConfigDict(dict(
+        kind="jsonl", train=train, eval=eval, video_dir=video_dir, tokenizer=tokenizer,
+        synthetic=dict(num_train=0, num_eval=0, video_frames=0, size=0, seed=0)))
+
+
+def sft_config(steps: int, batch_size: int, lr: float, *, num_examples: int = 0,
+               max_response_tokens: int = 2048, trainable: str = "llm", warmup_steps: int = 0,
+               checkpoint_every: int = 100, keep_checkpoints: int = 2):
+    """CoT-SFT. `num_examples` > 0 trains on the first N training rows only; `trainable` is
+    "llm", "llm+projector" or "all" (the vision tower too)."""
+    return ml_collections.ConfigDict(dict(
+        steps=steps, batch_size=batch_size, num_examples=num_examples,
+        max_response_tokens=max_response_tokens, trainable=trainable,
+        optimizer=optimizer_config(lr, warmup_steps), checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints))
+
+
+def rl_config(steps: int, prompts_per_step: int, group_size: int, lr: float, **kw):
+    """GRPO and relatives; defaults are Long-RL's examples/config.yaml (REFERENCE.md)."""
+    c = ml_collections.ConfigDict(dict(
+        algorithm="grpo",            # grpo | dr_grpo | rloo | reinforce_pp
+        steps=steps, prompts_per_step=prompts_per_step, group_size=group_size,
+        max_response_tokens=2048, temperature=1.0, top_p=0.99,
+        clip_low=0.2, clip_high=0.3, clip_dual=3.0, loss_agg="token-mean",
+        kl_coef=0.01, kl_type="low_var_kl", kl_in="loss",   # kl_in: loss | reward
+        gamma=1.0,
+        minibatch_size=prompts_per_step * group_size, ppo_epochs=1,
+        dynamic_sampling=False, max_refills=20,
+        overlong_buffer=0, overlong_penalty=1.0,
+        optimizer=optimizer_config(lr),
+        eval_every=0, checkpoint_every=1, keep_checkpoints=2))
+    c.update(kw)
+    return c
+
+
+def rollout_config(max_model_len: int = 4096, dtype: str = "bfloat16", **kw):
+    """The rollout server: started by the trainer unless `address` names a running one."""
+    c = ml_collections.ConfigDict(dict(address="", token="", port=0, dtype=dtype,
+                                       max_model_len=max_model_len, block_size=0,
+                                       kvcache_gib=4, cpu_threads_bind=""))
+    c.update(kw)
+    return c
+
+
+def eval_config(num_examples: int = 0, max_tokens: int = 2048):
+    return ml_collections.ConfigDict(dict(num_examples=num_examples, max_tokens=max_tokens))
+
+
+def judge_config():
+    """The open-ended LLM judge (off unless `url` is set)."""
+    return ml_collections.ConfigDict(dict(url="", model="gpt-4o-mini",
+                                          api_key_env="OPENAI_API_KEY", timeout_s=30.0,
+                                          max_retries=3, max_concurrency=8))

@@ -17,10 +17,12 @@ def rules(config) -> tuple:
     return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding_rules)
 
 
-def build_model(config):
+def build_model(config, *, video_token_id: int | None = None,
+                separator_token_id: int | None = None):
     """(model, mesh): the configured preset or checkpoint, created directly in its shards, with
     sequence-parallel attention installed when the mesh has a 'sequence' axis. A bad field
-    raises ValueError naming it."""
+    raises ValueError naming it. Token ids given here (the run's tokenizer) override the
+    config's, which may be -1 for "from the tokenizer"."""
     mesh = mesh_lib.make_mesh(dict(config.mesh))
     axis_rules = rules(config)
     param_dtype = getattr(jnp, config.model.param_dtype)
@@ -33,8 +35,10 @@ def build_model(config):
         if preset is None:
             raise ValueError(f"config.model.preset: unknown preset {config.model.preset!r}")
         kw = {"vocab_size": config.model.vocab_size} if config.model.preset == "tiny" else {}
-        cfg = preset(**kw).replace(video_token_id=config.model.video_token_id,
-                                   separator_token_id=config.model.separator_token_id)
+        vid = video_token_id if video_token_id is not None else config.model.video_token_id
+        sep = separator_token_id if separator_token_id is not None else \
+            config.model.separator_token_id
+        cfg = preset(**kw).replace(video_token_id=vid, separator_token_id=sep)
         model = mesh_lib.create_sharded(
             lambda: VLM(cfg, rngs=nnx.Rngs(config.seed), param_dtype=param_dtype,
                         dtype=getattr(jnp, config.model.dtype), remat=config.model.remat,

@@ -8,6 +8,7 @@ unpadded before it is returned.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -49,6 +50,12 @@ def encode_video_sharded(model: VLM, frames_fhwc: jax.Array, *, mesh,
 
 
 def _encode(graphdef, state, frames, mesh, spec, chunk):
+    return _encoder(graphdef, mesh, spec, chunk)(state, frames)
+
+
+@functools.lru_cache(maxsize=32)
+def _encoder(graphdef, mesh, spec, chunk):
+    """One compiled encoder per model structure, mesh and chunking (not one per call)."""
     @jax.jit
     def run(state, frames):
         def local(state, frames):
@@ -58,7 +65,7 @@ def _encode(graphdef, state, frames, mesh, spec, chunk):
             return out.reshape((-1,) + out.shape[2:])
         return jax.shard_map(local, mesh=mesh, in_specs=(P(), spec), out_specs=spec,
                              check_vma=False)(state, frames)
-    return run(state, frames)
+    return run
 
 
 __all__ = ["encode_video_sharded", "frame_axes"]

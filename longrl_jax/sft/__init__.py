@@ -1,0 +1,1 @@
+"""CoT-SFT: next-token loss on reasoning traces."""

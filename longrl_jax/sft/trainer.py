@@ -1,0 +1,121 @@
+"""CoT-SFT: next-token loss on `<think>…</think><answer>…</answer>` targets.
+
+The prompt and the video rows are context only; the loss is the mean negative log-likelihood of
+the target tokens (ending with the stop token), computed on the response rows alone (MR-SP
+stage 2 when the mesh has a 'sequence' axis). With `sft.trainable` = "llm" the cached video
+embeddings are used; with "llm+projector" or "all" the vision side runs inside the step.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from longrl_jax import metrics as metrics_lib
+from longrl_jax import sequences
+from longrl_jax.checkpoint import TrainCheckpointer
+from longrl_jax.run import RunContext, next_examples, optimizer
+
+log = logging.getLogger(__name__)
+
+
+# ================================================================================================
+# The step
+# ================================================================================================
+
+def _video_table(model, b):
+    """Video rows recomputed from frames when the vision side trains, else the cached rows."""
+    if "frames" not in b:
+        return b["video_table"]
+    v, f = b["frames"].shape[:2]
+    rows = model.encode_video(b["frames"].reshape((v * f,) + b["frames"].shape[2:]))
+    rows = rows.reshape(-1, rows.shape[-1])
+    return jnp.zeros_like(b["video_table"]).at[:rows.shape[0]].set(rows)
+
+
+def loss_fn(model, b, mesh):
+    b = dict(b, video_table=_video_table(model, b))
+    logp, ent = sequences.response_logprobs(model, b, mesh=mesh)
+    n = jnp.maximum(b["mask"].sum(), 1.0)
+    loss = -(logp * b["mask"]).sum() / n
+    acc = ((logp > jnp.log(0.5)) * b["mask"]).sum() / n
+    return loss, {"loss": loss, "entropy": (ent * b["mask"]).sum() / n, "token_p>0.5": acc}
+
+
+def make_step(mesh):
+    @nnx.jit
+    def step(model, opt, b):
+        grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, opt.wrt), has_aux=True)
+        (_, aux), grads = grad_fn(model, b, mesh)
+        aux["grad_norm"] = jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2)
+                                        for g in jax.tree.leaves(grads)))
+        opt.update(model, grads)
+        return aux
+    return step
+
+
+# ================================================================================================
+# Batches
+# ================================================================================================
+
+def make_batch(ctx: RunContext, prompts) -> dict:
+    c = ctx.config
+    responses = [sequences.response_ids(ctx.tokenizer, p.example.sft_target(), ctx.tokens)
+                 [:c.sft.max_response_tokens] for p in prompts]
+    batch = sequences.build_batch(prompts, responses, response_len=c.sft.max_response_tokens)
+    arrays = sequences.place_batch(batch, ctx.mesh)
+    if c.sft.trainable != "llm":
+        seen, frames = set(), []
+        for p in prompts:
+            if p.video_key not in seen:
+                seen.add(p.video_key)
+                frames.append(ctx.embedder.frames(p.example.videos[0]))
+        arrays["frames"] = jnp.asarray(np.stack(frames))
+    return arrays
+
+
+# ================================================================================================
+# The loop
+# ================================================================================================
+
+def train(ctx: RunContext) -> None:
+    c = ctx.config.sft
+    model = ctx.model
+    opt = optimizer(model, c.optimizer, c.trainable)
+    step_fn = make_step(ctx.mesh)
+    split = "sft" if ctx.config.sft.num_examples else "train"
+    loader = ctx.loader(split, seed=ctx.config.seed)
+    it = iter(loader)
+    ckpt = TrainCheckpointer(ctx.path("checkpoints", "sft"), max_to_keep=c.keep_checkpoints,
+                             save_interval_steps=c.checkpoint_every)
+    step = 0
+    if ckpt.latest_step() is not None:
+        extra = ckpt.restore(model=model, optimizer=opt)
+        step = extra["step"]
+        it.set_state(extra["data_state"])
+        log.info("SFT: resumed at step %d", step)
+    bar = metrics_lib.progress(c.steps, desc="sft", unit="step", initial=step)
+    while step < c.steps:
+        with ctx.timers("data"):
+            prompts = ctx.prompts(next_examples(it, c.batch_size))
+            while len(prompts) < c.batch_size:  # refill past skipped (undecodable) videos
+                prompts += ctx.prompts(next_examples(it, c.batch_size - len(prompts)))
+            b = make_batch(ctx, prompts)
+        with ctx.timers("update"):
+            aux = jax.device_get(step_fn(model, opt, b))
+        step += 1
+        scalars = {f"sft/{k}": float(v) for k, v in aux.items()}
+        scalars.update(ctx.timers.pop())
+        ctx.writer.write(step, scalars, stage="sft")
+        metrics_lib.postfix(bar, {"loss": scalars["sft/loss"]})
+        bar.update(1)
+        ckpt.save(step, model=model, optimizer=opt,
+                  extra={"step": step, "data_state": it.get_state()},
+                  force=step == c.steps)
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
