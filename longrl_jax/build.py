@@ -34,7 +34,8 @@ def build_model(config, *, video_token_id: int | None = None,
         preset = getattr(ModelConfig, config.model.preset, None)
         if preset is None:
             raise ValueError(f"config.model.preset: unknown preset {config.model.preset!r}")
-        kw = {"vocab_size": config.model.vocab_size} if config.model.preset == "tiny" else {}
+        kw = {"vocab_size": config.model.vocab_size} if config.model.preset in ("tiny", "small") \
+            else {}
         vid = video_token_id if video_token_id is not None else config.model.video_token_id
         sep = separator_token_id if separator_token_id is not None else \
             config.model.separator_token_id

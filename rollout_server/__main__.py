@@ -56,6 +56,14 @@ def _watch_parent(pid: int, stop: threading.Event) -> None:
             stop.set()
 
 
+def _watch_engine(engine, stop: threading.Event) -> None:
+    """A dead engine core cannot recover: exit so the launcher restarts the server."""
+    while not stop.wait(1.0):
+        if engine.dead():
+            print("rollout_server: error: the vLLM engine core died; exiting", flush=True)
+            os._exit(3)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     from rollout_server.service import is_loopback
@@ -95,11 +103,14 @@ def main(argv=None) -> None:
     if args.parent_pid:
         threading.Thread(target=_watch_parent, args=(args.parent_pid, service.shutdown_event),
                          daemon=True).start()
+    threading.Thread(target=_watch_engine, args=(engine, service.shutdown_event),
+                     daemon=True).start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: service.shutdown_event.set())
     print(f"rollout_server: serving {engine.path} on {args.host}:{port} "
           f"(dtype {engine.dtype}, max_model_len {engine.max_model_len})", flush=True)
     service.shutdown_event.wait()
+    threading.Timer(30.0, lambda: os._exit(4)).start()  # a wedged engine must not keep us alive
     server.stop(grace=2).wait()
     engine.close()
     print("rollout_server: stopped", flush=True)

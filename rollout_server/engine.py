@@ -197,6 +197,13 @@ class Engine:
     def param_specs(self) -> list[tuple[str, str, tuple[int, ...]]]:
         return [(n, self.dtype, s) for n, s in sorted(self.shapes.items())]
 
+    def dead(self) -> bool:
+        """True once vLLM's engine-core process has died (nothing can be served any more)."""
+        try:
+            return bool(self.llm.llm_engine.engine_core.resources.engine_dead)
+        except AttributeError:
+            return False
+
     def close(self) -> None:
         """Stops the engine thread and vLLM's engine-core process (which would outlive us)."""
         self._jobs.put(None)

@@ -309,6 +309,15 @@ class ModelConfig:
         return cfg
 
     @classmethod
+    def small(cls, vocab_size: int = 1024, vision: bool = True) -> "ModelConfig":
+        """The demo's model: `tiny`'s vision side with a 4-layer, 128-wide LLM, big enough to
+        learn the synthetic suite's retrieval (find the event, match it to an option) on CPU."""
+        base = cls.tiny(vocab_size, vision)
+        llm = dataclasses.replace(base.llm, hidden_size=128, intermediate_size=384, num_layers=4,
+                                  num_heads=4, num_kv_heads=2, head_dim=32)
+        return cls(llm=llm).with_vision(base.vision) if vision else cls(llm=llm)
+
+    @classmethod
     def qwen2_0_5b(cls) -> "ModelConfig":
         return cls(llm=LLMConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864,
                                  num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64,

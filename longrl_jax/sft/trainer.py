@@ -43,7 +43,7 @@ def loss_fn(model, b, mesh):
     n = jnp.maximum(b["mask"].sum(), 1.0)
     loss = -(logp * b["mask"]).sum() / n
     acc = ((logp > jnp.log(0.5)) * b["mask"]).sum() / n
-    return loss, {"loss": loss, "entropy": (ent * b["mask"]).sum() / n, "token_p>0.5": acc}
+    return loss, {"loss": loss, "entropy": (ent * b["mask"]).sum() / n, "token_acc": acc}
 
 
 def make_step(mesh):
@@ -108,10 +108,10 @@ def train(ctx: RunContext) -> None:
         with ctx.timers("update"):
             aux = jax.device_get(step_fn(model, opt, b))
         step += 1
-        scalars = {f"sft/{k}": float(v) for k, v in aux.items()}
+        scalars = {k: float(v) for k, v in aux.items()}
         scalars.update(ctx.timers.pop())
         ctx.writer.write(step, scalars, stage="sft")
-        metrics_lib.postfix(bar, {"loss": scalars["sft/loss"]})
+        metrics_lib.postfix(bar, scalars, keys=["loss"])
         bar.update(1)
         ckpt.save(step, model=model, optimizer=opt,
                   extra={"step": step, "data_state": it.get_state()},
