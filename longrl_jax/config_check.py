@@ -7,6 +7,7 @@ ALGORITHMS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 KL_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 TRAINABLE = ("llm", "llm+projector", "all")
+SP_STRATEGIES = ("all_gather_kv", "ulysses", "ring")
 
 
 class ConfigError(ValueError):
@@ -34,6 +35,8 @@ def validate(c) -> list[str]:
         need(s.video_frames >= 8, "dataset.synthetic.video_frames", "must be >= 8")
     need((c.data.num_frames is None) != (c.data.fps is None), "data.num_frames",
          "set exactly one of data.num_frames and data.fps")
+    need(c.sp.strategy in SP_STRATEGIES, "sp.strategy",
+         f"unknown SP strategy {c.sp.strategy!r}; choose from {SP_STRATEGIES}")
     if c.mesh.sequence != 1:
         need(c.sp.layout == "contiguous", "sp.layout",
              "the trainers feed contiguous sequences (ring attention balances them itself)")

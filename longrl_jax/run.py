@@ -94,6 +94,7 @@ def prepare_data(config, workdir: str) -> tuple[str, str, str]:
         train, evals, video_dir, tok_dir = d.train, d.eval, d.video_dir, d.tokenizer
         root = os.path.join(workdir, "data")
     records = os.path.join(root, "records")
+    os.makedirs(root, exist_ok=True)
     if not os.path.exists(os.path.join(records, "done")):
         splits = {"train": train, "eval": evals}
         sft_n = config.sft.num_examples

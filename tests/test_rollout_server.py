@@ -162,6 +162,27 @@ def _greedy(client):
     return client.generate([PROMPT], max_tokens=10, temperature=0.0, ignore_eos=True)[0][0].token_ids
 
 
+def test_updated_weights_serve_the_same_logprobs_as_transformers(served, weights):
+    """Every tensor of an update reaches the engine, the tied LM head included."""
+    server, path = served
+    client = server.client
+    rng = np.random.default_rng(3)
+    changed = {k: (v + rng.normal(size=v.shape).astype(np.float32) * 0.2) for k, v in weights.items()}
+    v = client.info().weight_version
+    client.update_weights(changed, v + 1)
+    try:
+        [[s]] = client.generate([PROMPT], max_tokens=8, temperature=1.0, seed=5, ignore_eos=True)
+        hf = _hf_model(path)
+        hf.load_state_dict({k: torch.from_numpy(a) for k, a in changed.items()}, strict=False)
+        hf.tie_weights()
+        with torch.no_grad():
+            logits = hf(torch.tensor([PROMPT + s.token_ids])).logits[0, len(PROMPT) - 1:-1]
+        ref = torch.log_softmax(logits, -1)[torch.arange(8), torch.tensor(s.token_ids)]
+        np.testing.assert_allclose(s.logprobs, ref.numpy(), atol=2e-3)
+    finally:
+        client.update_weights(weights, v + 2)
+
+
 def test_update_weights_changes_and_restores(served, weights):
     client = served[0].client
     before = _greedy(client)
