@@ -17,21 +17,31 @@ def _run(args, timeout=600, devices=8):
                           text=True, timeout=timeout)
 
 
-def test_main_runs_the_demo_config_with_sequence_parallelism(tmp_path):
-    r = _run(["-m", "longrl_jax.main", "--config=configs/demo.py", f"--workdir={tmp_path}",
-              "--config.mesh.sequence=4", "--config.mesh.fsdp=2",
-              "--config.model.scan_layers=True", "--config.model.remat=True"])
+def test_main_trains_with_sequence_parallelism(tmp_path):
+    """CoT-SFT of the quick demo with MR-SP (ring, sequence 4 x fsdp 2), scanned remat layers."""
+    r = _run(["-m", "longrl_jax.main", "--config=configs/demo.py:quick", f"--workdir={tmp_path}",
+              "--config.stages=('sft',)", "--config.mesh.sequence=4", "--config.mesh.fsdp=2",
+              "--config.model.scan_layers=True", "--config.model.remat=True",
+              "--config.sft.steps=3"])
     assert r.returncode == 0, r.stderr[-3000:]
-    smoke = json.load(open(tmp_path / "smoke.json"))
-    assert smoke["sequence_parallel"] == 4 and smoke["finite"]
-    assert smoke["logits_shape"] == [1, smoke["sequence_length"], 512]
+    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    losses = [row["loss"] for row in rows if row["stage"] == "sft"]
+    assert len(losses) == 3 and all(0 < x < 20 for x in losses)
+    assert os.path.isdir(tmp_path / "params" / "sft" / "params")
 
 
-def test_main_names_a_bad_config_field(tmp_path):
+@pytest.mark.parametrize("override, message", [
+    ("--config.sp.strategy=bogus", "config.sp.strategy: unknown SP strategy 'bogus'"),
+    ("--config.rl.group_size=1", "config.rl.group_size: GRPO needs at least 2"),
+    ("--config.rl.loss_agg=mean", "config.rl.loss_agg: one of"),
+    ("--config.sft.trainable=vision", "config.sft.trainable: one of"),
+])
+def test_main_names_a_bad_config_field_before_any_work(tmp_path, override, message):
     r = _run(["-m", "longrl_jax.main", "--config=configs/demo.py", f"--workdir={tmp_path}",
-              "--config.mesh.sequence=4", "--config.mesh.fsdp=2", "--config.sp.strategy=bogus"])
+              "--config.mesh.sequence=4", "--config.mesh.fsdp=2", override], timeout=120)
     assert r.returncode != 0
-    assert "unknown SP strategy 'bogus'" in r.stderr and "Traceback" not in r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not os.path.exists(tmp_path / "data")  # nothing was generated
 
 
 def test_sp_attention_bench_writes_its_table(tmp_path):
