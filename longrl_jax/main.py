@@ -63,6 +63,8 @@ def run(config, workdir: str) -> dict:
     # ---- data, tokenizer, model ---------------------------------------------------------------
     records, _, tok_dir = prepare_data(config, workdir)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    tok_dir = os.path.join(workdir, "tokenizer")  # the run's own copy: export and serving use it
+    tokenizer.save_pretrained(tok_dir)
     tokens = sequences.Tokens.of(tokenizer)
     progress = Progress(workdir)
     model, mesh = build.build_model(config, video_token_id=tokens.video,

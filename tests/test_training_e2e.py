@@ -135,6 +135,7 @@ def test_export_loads_in_transformers(runs, tmp_path):
         hf = Qwen2ForCausalLM.from_pretrained(f"{d}/llm", dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(f"{d}/llm")
         ids = tok.encode("Which appeared first in the video", add_special_tokens=False)
+        assert len(ids) == 6, ids  # the run's tokenizer travelled with the export
         model = checkpoint.load_params(f"{b}/params/rl")
         ref = np.asarray(model.llm(np.asarray([ids])))
         with torch.no_grad():

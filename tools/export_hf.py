@@ -32,7 +32,7 @@ TOKENIZER_DIR = flags.DEFINE_string("tokenizer_dir", None,
 def from_workdir(workdir: str):
     """(model, tokenizer_dir) of the newest trained policy in a run directory."""
     params = lambda stage: os.path.join(workdir, "params", stage)  # noqa: E731
-    tok = os.path.join(workdir, "data", "tokenizer")
+    tok = os.path.join(workdir, "tokenizer")
     tok = tok if os.path.isdir(tok) else None
     if checkpoint.is_params_dir(params("rl")):
         return checkpoint.load_params(params("rl")), tok
