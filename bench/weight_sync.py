@@ -6,14 +6,16 @@
 Writes a random Qwen2 checkpoint with Qwen2-0.5B's shapes (D 896, 14 q / 2 kv heads, MLP 4864,
 vocab 151936, tied embeddings; 24 layers, or 4 with --quick) in --dtype (bfloat16 by default),
 serves it with `python -m rollout_server` (real vLLM engine, gRPC on loopback), then times
-`RolloutClient.update_weights` end to end, --reps times per transport after one warm-up each:
+`RolloutClient.update_weights` end to end, --reps times per transport after one warm-up each
+(the transports take turns):
   shm     the client writes every array once into a /dev/shm file; one control message names it
   stream  the bytes travel in 4 MiB gRPC messages; the server spools them into /dev/shm
 and, in the same run, `np.copyto` of every array into a preallocated (touched) flat buffer.
 Bandwidth = update bytes / median wall seconds. The server's own split of each update comes back
 in UpdateWeightsReply: receive_s (bytes in), validate_s (finite check), load_s (vLLM
-`reload_weights`, which on CPU also repacks the linear weights); "client" is the rest (writing
-the shm file, or chunking, plus the RPC).
+`reload_weights`, which on CPU also repacks the linear weights); "client" is the rest, per
+repetition (writing the shm file, or for stream what of the chunking does not overlap the
+receive, plus the RPC). The split columns are medians of each part, so they need not add up.
 """
 
 from __future__ import annotations
@@ -92,18 +94,20 @@ def time_memcpy(arrays: dict[str, np.ndarray], reps: int) -> list[float]:
     return times[1:]  # the first is a warm-up
 
 
-def time_updates(client, arrays, transport: str, reps: int, version: int) -> tuple[list, int]:
-    rows = []
+def time_updates(client, arrays, transports, reps: int, version: int) -> tuple[dict, int]:
+    """The transports take turns within each repetition, so drift on the machine hits all alike."""
+    rows = {t: [] for t in transports}
     for i in range(reps + 1):
-        version += 1
-        t0 = time.perf_counter()
-        reply = client.update_weights(arrays, version, transport=transport)
-        wall = time.perf_counter() - t0
-        assert reply.weight_version == version, (reply.weight_version, version)
-        if i:  # the first is a warm-up
-            rows.append({"wall_s": wall, "receive_s": reply.receive_s,
-                         "validate_s": reply.validate_s, "load_s": reply.load_s,
-                         "nbytes": int(reply.nbytes)})
+        for transport in transports:
+            version += 1
+            t0 = time.perf_counter()
+            reply = client.update_weights(arrays, version, transport=transport)
+            wall = time.perf_counter() - t0
+            assert reply.weight_version == version, (reply.weight_version, version)
+            if i:  # the first round is a warm-up
+                rows[transport].append({"wall_s": wall, "receive_s": reply.receive_s,
+                                        "validate_s": reply.validate_s, "load_s": reply.load_s,
+                                        "nbytes": int(reply.nbytes)})
     return rows, version
 
 
@@ -116,7 +120,10 @@ def summarize(name: str, walls: list[float], nbytes: int, memcpy_gbps: float | N
     if split:
         for k in ("receive_s", "validate_s", "load_s"):
             out[k] = statistics.median(r[k] for r in split)
-        out["client_s"] = med - out["receive_s"] - out["validate_s"] - out["load_s"]
+        # per repetition, then the median: the client's own work plus the RPC (for stream, the
+        # client's chunking overlaps the server's receive and is mostly hidden in it)
+        out["client_s"] = statistics.median(
+            r["wall_s"] - r["receive_s"] - r["validate_s"] - r["load_s"] for r in split)
         out["raw"] = split
     return out
 
@@ -160,8 +167,8 @@ def main():
         memcpy = time_memcpy(arrays, reps)
         mc = summarize("memcpy", memcpy, nbytes, None)
         rows, version = [mc], client.info().weight_version
-        for transport in ("shm", "stream"):
-            split, version = time_updates(client, arrays, transport, reps, version)
+        splits, version = time_updates(client, arrays, ("shm", "stream"), reps, version)
+        for transport, split in splits.items():
             rows.append(summarize(transport, [r["wall_s"] for r in split], nbytes,
                                   mc["gb_per_s"], split))
         # again after the updates: the host's memcpy speed can drift on this shared machine
