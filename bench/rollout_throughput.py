@@ -26,7 +26,11 @@ overhead (goal >= 0.95). The engines alternate --rounds times (server, in-proces
 and the medians are taken over all rounds, which evens out drift on a shared machine. Wall time
 on a loaded machine moves with other people's work, so each call's CPU time (user + system, of
 every process involved: client, server and engine processes, or the in-process engine's) is
-recorded too; CPU per generated token is the steadier measure of the server's own cost.
+recorded too; CPU per generated token is the steadier measure of the server's own cost. And
+the in-process run times, on its own vLLM outputs, everything a Generate adds outside vLLM (the
+client's request and reply handling, the server's handler with the engine call stubbed, the
+metrics read after each batch): the protocol's cost, far less exposed to the machine's noise.
+The handler is timed on 1 torch thread, as the server runs on CPU, and on torch's default.
 """
 
 from __future__ import annotations
@@ -125,6 +129,80 @@ def tree_cpu_s(*pids: int) -> float:
 
 # ---- the in-process engine (run in its own process: `--inprocess SPEC`) ------------------------
 
+def protocol_costs(llm, outs: dict, prompts: dict, table, video, spec: dict,
+                   reps: int = 10) -> dict:
+    """Milliseconds a Generate spends outside vLLM, measured on real vLLM outputs: the client
+    building and serializing the request, the server's handler (parsing, checks, splicing, the
+    reply) with the engine call answered by `outs`, the client parsing the reply, and the
+    engine thread's metrics read after each batch; plus the message sizes."""
+    import concurrent.futures as cf
+
+    import torch
+
+    from longrl_jax.rl import rollout_client as RC
+    from rollout_server.protos import rollout_pb2 as pb
+    from rollout_server.service import RolloutService
+
+    class StubEngine:
+        vocab_size, hidden_size = MODEL["vocab_size"], MODEL["hidden_size"]
+        max_model_len = MAX_MODEL_LEN
+        version, stats = 0, {}
+
+        def __init__(self):
+            self.dtype, self.outs = spec["dtype"], None
+
+        def embed_ids(self, ids):
+            return table[torch.as_tensor(ids, dtype=torch.long)]
+
+        def submit_generate(self, prompts, params):
+            fut = cf.Future()
+            fut.set_result((self.outs, 0, -1))
+            return fut
+
+    engine = StubEngine()
+    svc = RolloutService(engine, max_embedding_bytes=1 << 30)
+    svc.store.put("video", video)
+    res = {}
+    default_threads = torch.get_num_threads()
+    for kind, ps in prompts.items():
+        engine.outs = outs[kind]
+        t = {"client_build_ms": [], "server_ms": [], "client_parse_ms": [],
+             "server_ms_default_threads": []}
+        for i in range(2 * reps):
+            # the server's process runs torch on 1 thread on CPU (engine.py); torch's default
+            # (one per core) for comparison, alternating
+            threads = 1 if i % 2 == 0 else default_threads
+            torch.set_num_threads(threads)
+            t0 = time.perf_counter()
+            sampling = pb.SamplingOptions(n=spec["n"], max_tokens=spec["max_tokens"],
+                                          temperature=1.0, top_p=1.0, top_k=-1, seed=SEED,
+                                          ignore_eos=True)
+            raw = pb.GenerateRequest(prompts=[RC._prompt(p) for p in ps],
+                                     sampling=sampling).SerializeToString()
+            t1 = time.perf_counter()
+            reply = svc.Generate(pb.GenerateRequest.FromString(raw), None).SerializeToString()
+            t2 = time.perf_counter()
+            got = pb.GenerateReply.FromString(reply)
+            [[RC.Sample(list(x.token_ids), list(x.logprobs), x.finish_reason, got.weight_version)
+              for x in c.samples] for c in got.completions]
+            t3 = time.perf_counter()
+            if threads == 1:
+                for k, v in zip(t, (t1 - t0, t2 - t1, t3 - t2)):
+                    t[k].append(1e3 * v)
+            else:
+                t["server_ms_default_threads"].append(1e3 * (t2 - t1))
+        torch.set_num_threads(default_threads)
+        res[kind] = {k: statistics.median(v) for k, v in t.items()}
+        res[kind]["server_ms_default_threads_max"] = max(t["server_ms_default_threads"])
+        res[kind]["server_ms_max"] = max(t["server_ms"])
+        res[kind].update(request_bytes=len(raw), reply_bytes=len(reply))
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        llm.get_metrics()
+    res["get_metrics_ms"] = 1e3 * (time.perf_counter() - t0) / reps
+    return res
+
+
 def run_inprocess(spec: dict) -> dict:
     import torch
     from safetensors.torch import load_file
@@ -143,6 +221,7 @@ def run_inprocess(spec: dict) -> dict:
                             top_p=1.0, top_k=0, seed=SEED, stop_token_ids=[], ignore_eos=True,
                             logprobs=0, detokenize=False)
     out = {"tokens": [], "embeds": [], "samples": {}}
+    last = {}
     for rep in spec["reps"]:
         ids, (head, video, spans, tail) = workload(rep, spec["prompts"], spec["prompt_len"],
                                                    table.shape[1])
@@ -159,8 +238,15 @@ def run_inprocess(spec: dict) -> dict:
             wall, cpu = time.perf_counter() - t0, tree_cpu_s(os.getpid()) - c0
             gen = sum(len(o.token_ids) for r in res for o in r.outputs)
             out[kind].append({"rep": rep, "wall_s": wall, "cpu_s": cpu, "generated": gen})
-            out["samples"][f"{kind}-{rep}"] = [
-                [int(t) for t in o.token_ids[:8]] for r in res for o in sorted(r.outputs, key=lambda o: o.index)][:4]
+            firsts = [[int(t) for t in o.token_ids[:8]]
+                      for r in res for o in sorted(r.outputs, key=lambda o: o.index)]
+            out["samples"][f"{kind}-{rep}"] = firsts[:4]
+            last[kind] = res
+    from longrl_jax.rl.rollout_client import EmbeddingRef
+    out["protocol"] = protocol_costs(
+        llm, last, {"tokens": ids, "embeds": [[h, EmbeddingRef("video", s, e), t] for h, (s, e), t
+                                               in zip(head, spans, tail)]},
+        table, video, spec)
     llm.llm_engine.engine_core.shutdown()
     return out
 
@@ -218,14 +304,15 @@ def run_server(spec: dict, env: dict, log: str) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="1 round, 3 reps (< 4 min)")
+    ap.add_argument("--quick", action="store_true", help="1 round (< 4 min)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=3, help="timed reps per round")
-    ap.add_argument("--rounds", type=int, default=None, help="server/in-process rounds (3; quick 1)")
+    ap.add_argument("--reps", type=int, default=4, help="timed reps per round")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="server/in-process rounds (3; quick 1)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--log", default=None, help="engine logs (default: in a temp dir)")
     ap.add_argument("--inprocess", nargs=2, default=None, help=argparse.SUPPRESS)
@@ -296,8 +383,23 @@ def main():
               f"{str(r['same_samples']):>5}")
     print("ratio = server / in-process throughput; CPU ratio = in-process / server CPU per "
           "token (>= 1: the server costs no more CPU)")
-    print(f"PutEmbeddings of one repetition's video ({args.prompts * (args.prompt_len - HEAD - TAIL)}"
-          f" rows, float32): {put_s * 1e3:.1f} ms (not in the embeds times)")
+    proto = runs["inprocess"][-1]["protocol"]
+    for kind in ("tokens", "embeds"):
+        p = proto[kind]
+        total = (p["client_build_ms"] + p["server_ms"] + p["client_parse_ms"]
+                 + proto["get_metrics_ms"])
+        wall = next(r["inprocess_wall_s"] for r in rows if r["prompt"] == kind)
+        print(f"outside vLLM, {kind}: client request {p['client_build_ms']:.1f} ms, server handler "
+              f"{p['server_ms']:.1f} ms (max {p['server_ms_max']:.1f}; on torch's default threads "
+              f"{p['server_ms_default_threads']:.1f}, "
+              f"max {p['server_ms_default_threads_max']:.1f}),"
+              f" client reply {p['client_parse_ms']:.1f} ms, engine-thread metrics "
+              f"{proto['get_metrics_ms']:.1f} ms = {total:.1f} ms "
+              f"({100 * total / 1e3 / wall:.1f}% of the median in-process call); messages "
+              f"{p['request_bytes'] / 1e3:.1f} KB / {p['reply_bytes'] / 1e3:.1f} KB")
+    rows_sent = args.prompts * (args.prompt_len - HEAD - TAIL)
+    print(f"PutEmbeddings of one repetition's video ({rows_sent} rows, float32): "
+          f"{put_s * 1e3:.1f} ms (not in the embeds times)")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as fh:

@@ -135,7 +135,8 @@ def main():
     ap.add_argument("--layers", type=int, default=None, help="default 24 (4 with --quick)")
     ap.add_argument("--reps", type=int, default=None, help="default 5 (3 with --quick)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    ap.add_argument("--workdir", default=None, help="where the checkpoint goes (default: a temp dir)")
+    ap.add_argument("--workdir", default=None,
+                    help="where the checkpoint goes (default: a temp dir)")
     ap.add_argument("--log", default=None, help="the server's log (default: in the work dir)")
     args = ap.parse_args()
     layers = args.layers or (4 if args.quick else 24)
