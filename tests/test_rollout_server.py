@@ -89,6 +89,19 @@ def test_sampled_logprobs_match_transformers(served):
     assert [s.token_ids for s in again] == [s.token_ids for s in samples]  # seeded
 
 
+def test_seeded_batch_over_one_step_budget(served):
+    """Seeded prompts totalling more than one scheduler step's tokens (4096 on CPU): with
+    chunked prefill, vLLM rewinds a CPU generator and its engine dies (engine.py
+    `platform_scheduler_options`)."""
+    client = served[0].client
+    rng = random.Random(9)
+    prompts = [[rng.randrange(10, 200) for _ in range(900)] for _ in range(6)]
+    out = client.generate(prompts, n=2, max_tokens=4, temperature=1.0, seed=3, ignore_eos=True)
+    assert [len(c) for c in out] == [2] * 6
+    assert all(len(s.token_ids) == 4 for c in out for s in c)
+    assert client.health().ready
+
+
 # ---- prompt embeddings and splicing ------------------------------------------------------------
 
 def test_embedding_rows_equal_token_ids(served, weights):
