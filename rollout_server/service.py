@@ -159,7 +159,8 @@ class RolloutService(pb_grpc.RolloutServicer):
         params = self._sampling(request.sampling)
         prompts = [self._prompt(i, p, params.max_tokens) for i, p in enumerate(request.prompts)]
         try:
-            outs, version, computed = e.submit_generate(prompts, [params] * len(prompts)).result()
+            outs, version, computed = e.submit_generate(prompts, _per_prompt_seeds(
+                params, len(prompts))).result()
         except ValueError as err:  # vLLM's own checks
             raise _bad(f"Generate: {err}") from None
         reply = pb.GenerateReply(weight_version=version, computed_prompt_tokens=computed)
@@ -332,6 +333,23 @@ class RolloutService(pb_grpc.RolloutServicer):
             t = torch.from_numpy(np.asarray(raw[offset:offset + size])).view(DTYPES[dtype])
             if not all_finite(t):
                 raise _bad(f"UpdateWeights: {name} contains NaN or Inf")
+
+
+SEED_STRIDE = 1_000_003
+
+
+def _per_prompt_seeds(params, n: int) -> list:
+    """Prompt i samples with seed + i * SEED_STRIDE. vLLM seeds sample k of a request from
+    (seed, k), so one seed for every prompt would give sample k of each prompt the same random
+    stream: correlated samples across a GRPO batch."""
+    if params.seed is None or n == 1:
+        return [params] * n
+    out = []
+    for i in range(n):
+        p = params.clone()
+        p.seed = params.seed + i * SEED_STRIDE
+        out.append(p)
+    return out
 
 
 def _chain(first, rest):

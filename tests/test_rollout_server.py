@@ -102,6 +102,18 @@ def test_seeded_batch_over_one_step_budget(served):
     assert client.health().ready
 
 
+def test_prompts_of_one_request_get_their_own_seeds(served):
+    """Same prompt twice in one seeded request: different samples (no shared random stream),
+    and the first equals that prompt sent alone with the same seed."""
+    client = served[0].client
+    a, b = client.generate([PROMPT, PROMPT], n=2, max_tokens=8, temperature=1.0, seed=21,
+                           ignore_eos=True)
+    assert [s.token_ids for s in a] != [s.token_ids for s in b]
+    alone = client.generate([PROMPT], n=2, max_tokens=8, temperature=1.0, seed=21,
+                            ignore_eos=True)[0]
+    assert [s.token_ids for s in alone] == [s.token_ids for s in a]
+
+
 # ---- prompt embeddings and splicing ------------------------------------------------------------
 
 def test_embedding_rows_equal_token_ids(served, weights):
