@@ -1,8 +1,8 @@
 """Seconds per RL step against frame count, with and without MR-SP (a proxy of paper Figure 2).
 
-  python bench/rl_step.py --quick --out /tmp/rl_step.json          # tiny preset, ~2 minutes
-  python bench/rl_step.py --out bench/results/rl_step.json          # 8..128 frames
-  python bench/rl_step.py --preset small --frames 16 64 --out ...   # another preset / grid
+  python bench/rl_step.py --quick --out /tmp/rl_step.json          # tiny, 8 and 32 frames, ~2 min
+  python bench/rl_step.py --out bench/results/rl_step.json          # small preset, 8..128 frames
+  python bench/rl_step.py --preset tiny --frames 16 64 --modes none none-G stage1 --out ...
 
 The paper's protocol (REFERENCE.md, "MR-SP"): 8 devices, one prompt per device, G = 5 rollouts
 per prompt, SP degree 4. One step here is what the trainer (`rl/trainer.py`) does on device after
@@ -12,6 +12,9 @@ the rollouts are back, in three modes:
             each prompt's video with the vision tower inside the jitted pass, each device
             encoding its own prompt's frames (3 encodes per video per step); no sequence
             parallelism (mesh fsdp = all devices, sequence = 1; dense attention).
+  none-G    (optional, `--modes`) as `none`, but every rollout re-encodes its video: 3 x G
+            encodes per video per step, what a per-sample pipeline without an embedding cache
+            pays (REFERENCE.md does not say which of the two Long-RL's baseline does).
   stage1    MR-SP stage 1: each video encoded once, its frames sharded over all devices
             (`encode_video_sharded`), the rows taken to the host as the trainer's embedder does,
             and reused by the three passes; no sequence parallelism.
@@ -21,18 +24,20 @@ the rollouts are back, in three modes:
 The passes are the trainer's own jitted functions (`make_logprob_fn`, `make_update_fn`, one
 update over all B = prompts x G rows, i.e. minibatch = the whole batch, one PPO epoch), fed by
 `sequences.build_batch` / `place_batch`. For `none` the model is wrapped so that its `splice`
-encodes frames passed in place of the video table; nothing else differs.
+encodes frames passed in place of the video table; nothing else differs. All modes' models are
+alive at once (memory = modes x (model + reference + Adam)).
 
 Rollout generation is OUT OF SCOPE (it runs in the vLLM server): every response is a fixed random
 token sequence of `--response_len` (64) tokens, and the advantages are random. Timed: encode +
 host batch + old and reference log-probs + one update, after one untimed compile-and-warm-up
-step per (mode, frames); the median of `--repeats`. (The model and optimizer state are first
+step per (mode, frames); the median of `--repeats`, the modes interleaved (one step of each in
+turn) so that load from other jobs hits them alike. (The model and optimizer state are first
 moved onto the shardings the jitted update returns, see `canonicalize`; without that the
-second step compiles the update again, as it does in the trainer.) The vision tower is frozen (RL trains the
-LLM only, as the trainer does).
+second step compiles the update again, as it does in the trainer.) The vision tower is frozen
+(RL trains the LLM only, as the trainer does).
 
-Rows: {"mode", "frames", "tokens", "seconds", "devices", "preset", "sp", "encode_s",
-"logprob_s", "update_s", "compile_s", ...}. On CPU the devices are fake (they share the host's
+Rows: {"mode", "frames", "tokens", "seconds" (median), "min_s", "devices", "preset", "sp",
+"encode_s", "logprob_s", "update_s", "compile_s", ...}. On CPU the devices are fake (they share the host's
 cores), so stage 2 cannot speed anything up there and collectives are memcpys: the CPU numbers
 are a proxy of the work per step (how many encodes, how many passes), not of a GPU mesh.
 """
@@ -49,6 +54,7 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -66,12 +72,15 @@ from configs import demo  # noqa: E402
 from longrl_jax import sequences  # noqa: E402
 from longrl_jax.build import build_model, rules as config_rules  # noqa: E402
 from longrl_jax.config_check import validate  # noqa: E402
+from longrl_jax.models import VLM, ModelConfig  # noqa: E402
 from longrl_jax.models.splice import splice_layout  # noqa: E402
+from longrl_jax.parallel import mesh as mesh_lib  # noqa: E402
 from longrl_jax.parallel import video as video_lib  # noqa: E402
 from longrl_jax.rl.trainer import make_logprob_fn, make_update_fn  # noqa: E402
 from longrl_jax.run import optimizer  # noqa: E402
 
 MODES = ("none", "stage1", "stage1+2")
+ALL_MODES = ("none", "none-G", "stage1", "stage1+2")
 VIDEO_ID, SEP_ID = 5, 6          # any ids of the preset's vocabulary
 PROMPT_TEXT = 32                 # text tokens around the video placeholder
 
@@ -99,6 +108,27 @@ def make_config(args, sp: int):
     if errors:
         raise SystemExit("invalid config:\n  " + "\n  ".join(errors))
     return c
+
+
+def build(config, image_size: int | None):
+    """`build_model` for the config's preset; with `image_size`, the same steps (parameters
+    created in their shards, SP attention on a 'sequence' mesh axis) for the preset with its
+    vision tower at another frame size: more patches and more tokens per frame."""
+    if not image_size:
+        return build_model(config, video_token_id=VIDEO_ID, separator_token_id=SEP_ID)
+    m = config.model
+    kw = {"vocab_size": m.vocab_size} if m.preset in ("tiny", "small") else {}
+    cfg = getattr(ModelConfig, m.preset)(**kw)
+    cfg = cfg.with_vision(dataclasses.replace(cfg.vision, image_size=image_size),
+                          video_token_id=VIDEO_ID, separator_token_id=SEP_ID)
+    mesh = mesh_lib.make_mesh(dict(config.mesh))
+    vlm = mesh_lib.create_sharded(
+        lambda: VLM(cfg, rngs=nnx.Rngs(config.seed), param_dtype=getattr(jnp, m.param_dtype),
+                    dtype=getattr(jnp, m.dtype), remat=m.remat, scan_layers=m.scan_layers),
+        mesh, config_rules(config))
+    if mesh.shape["sequence"] > 1:
+        vlm.llm.enable_sequence_parallel(mesh, config.sp.strategy, layout=config.sp.layout)
+    return vlm, mesh
 
 
 def canonicalize(obj, mesh) -> None:
@@ -171,11 +201,10 @@ class Stepper:
         self.mode = mode
         self.sp = args.sp if mode == "stage1+2" else 1
         self.config = make_config(args, self.sp)
-        vlm, self.mesh = build_model(self.config, video_token_id=VIDEO_ID,
-                                     separator_token_id=SEP_ID)
+        vlm, self.mesh = build(self.config, args.image_size)
         self.cfg = vlm.cfg
         self.vlm = vlm
-        self.model = ReencodingVLM(vlm) if mode == "none" else vlm
+        self.model = ReencodingVLM(vlm) if mode.startswith("none") else vlm
         self.ref = nnx.clone(self.model)   # the frozen KL anchor, as the trainer keeps it
         self.opt = optimizer(self.model, self.config.rl.optimizer, "llm")
         for obj in (self.model, self.ref, self.opt):
@@ -190,7 +219,7 @@ class Stepper:
         t = {}
         start = time.perf_counter()
         d = self.cfg.llm.hidden_size
-        if self.mode == "none":
+        if self.mode.startswith("none"):
             rows = [np.zeros((f.shape[0] * self.cfg.tokens_per_frame, d), np.float32)
                     for f in videos]          # never read: the passes encode the frames
         else:  # stage 1, as `VideoEmbedder` runs it (rows to the host, once per video)
@@ -202,12 +231,16 @@ class Stepper:
         mark = time.perf_counter()
         prompts = prompts_with(layouts, rows)
         episodes = [p for p in prompts for _ in range(self.g)]
+        if self.mode == "none-G":  # one key per rollout: build_batch keeps G copies of a video
+            episodes = [dataclasses.replace(p, video_key=f"{p.video_key}/{k % self.g}")
+                        for k, p in enumerate(episodes)]
         resp = [r for r in responses for _ in range(self.g)]
         batch = sequences.build_batch(episodes, resp, response_len=self.r)
         placed = sequences.place_batch(batch, self.mesh)
-        if self.mode == "none":  # each device holds (and encodes) its own prompts' frames
-            bax = sequences.batch_axes(self.mesh, len(videos))
-            placed["video_table"] = jax.device_put(np.concatenate(videos),
+        if self.mode.startswith("none"):  # each device holds (and encodes) its prompts' frames
+            frames = videos if self.mode == "none" else [f for f in videos for _ in range(self.g)]
+            bax = sequences.batch_axes(self.mesh, len(frames))
+            placed["video_table"] = jax.device_put(np.concatenate(frames),
                                                    NamedSharding(self.mesh, P(bax)))
         jax.block_until_ready(placed)
         t["host_s"] = time.perf_counter() - mark
@@ -229,37 +262,55 @@ class Stepper:
         return t
 
 
-def measure(stepper: Stepper, frames: int, args) -> dict:
+def measure(steppers: list[Stepper], frames: int, args) -> list[dict]:
+    """All modes at one frame count; the repeats interleave the modes (one step of each in
+    turn), so that load from other jobs on a shared machine hits every mode alike."""
     n = args.prompts_per_device * jax.device_count()
-    videos, layouts, responses = make_inputs(stepper.cfg, n, frames, args.response_len)
-    start = time.perf_counter()
-    stepper.step(videos, layouts, responses)        # compile + warm up
-    compile_s = time.perf_counter() - start
-    runs = [stepper.step(videos, layouts, responses) for _ in range(args.repeats)]
-    med = {k: statistics.median(r[k] for r in runs)
-           for k in ("seconds", "encode_s", "host_s", "logprob_s", "update_s")}
-    return {"mode": stepper.mode, "frames": frames, "tokens": runs[0]["tokens"],
-            "seconds": round(med["seconds"], 4), "devices": jax.device_count(),
-            "preset": args.preset, "sp": stepper.sp, "prompts": n, "group_size": stepper.g,
-            "batch_rows": runs[0]["rows"], "response_len": args.response_len,
-            **{k: round(v, 4) for k, v in med.items() if k != "seconds"},
-            "compile_s": round(compile_s, 2), "repeats": args.repeats,
-            "all_s": [round(r["seconds"], 4) for r in runs], "finite": runs[0]["finite"]}
+    videos, layouts, responses = make_inputs(steppers[0].cfg, n, frames, args.response_len)
+    compile_s = {}
+    for st in steppers:
+        start = time.perf_counter()
+        st.step(videos, layouts, responses)        # compile + warm up
+        compile_s[st.mode] = time.perf_counter() - start
+    runs = {st.mode: [] for st in steppers}
+    for _ in range(args.repeats):
+        for st in steppers:
+            runs[st.mode].append(st.step(videos, layouts, responses))
+    rows = []
+    for st in steppers:
+        rs = runs[st.mode]
+        med = {k: statistics.median(r[k] for r in rs)
+               for k in ("seconds", "encode_s", "host_s", "logprob_s", "update_s")}
+        rows.append({"mode": st.mode, "frames": frames, "tokens": rs[0]["tokens"],
+                     "seconds": round(med["seconds"], 4),
+                     "min_s": round(min(r["seconds"] for r in rs), 4),
+                     "devices": jax.device_count(),
+                     "preset": args.preset, "sp": st.sp, "prompts": n, "group_size": st.g,
+                     "batch_rows": rs[0]["rows"], "response_len": args.response_len,
+                     **{k: round(v, 4) for k, v in med.items() if k != "seconds"},
+                     "compile_s": round(compile_s[st.mode], 2), "repeats": args.repeats,
+                     "all_s": [round(r["seconds"], 4) for r in rs], "finite": rs[0]["finite"]})
+    return rows
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny preset, 8 and 32 frames")
     ap.add_argument("--out", default=None, help="write rows + meta as JSON here")
-    ap.add_argument("--preset", default="tiny", help="a ModelConfig preset with a vision tower")
+    ap.add_argument("--preset", default=None,
+                    help="a ModelConfig preset with a vision tower (default: small; tiny with "
+                         "--quick)")
     ap.add_argument("--vocab_size", type=int, default=512, help="for the tiny/small presets")
     ap.add_argument("--frames", type=int, nargs="+", default=None)
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=ALL_MODES)
     ap.add_argument("--sp", type=int, default=4, help="sequence axis of stage1+2")
     ap.add_argument("--strategy", default="ring", choices=["ring", "ulysses", "all_gather_kv"])
     ap.add_argument("--prompts_per_device", type=int, default=1)
     ap.add_argument("--group_size", type=int, default=5, help="G rollouts per prompt")
     ap.add_argument("--response_len", type=int, default=64)
+    ap.add_argument("--image_size", type=int, default=None,
+                    help="frame size for the preset's vision tower (default: the preset's; "
+                         "tiny/small: 32 px, patch 8 -> 4 tokens per frame)")
     ap.add_argument("--frames_per_chunk", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -267,6 +318,7 @@ def main():
     ap.add_argument("--scan_layers", action="store_true")
     args = ap.parse_args()
     frames = args.frames or ([8, 32] if args.quick else [8, 16, 32, 64, 128])
+    args.preset = args.preset or ("tiny" if args.quick else "small")
     n_dev = jax.device_count()
     modes = list(args.modes)
     if "stage1+2" in modes and (args.sp < 2 or n_dev % args.sp):
@@ -276,33 +328,35 @@ def main():
     rows = []
     print(f"{'mode':>9} {'frames':>6} {'tokens':>6} {'s/step':>8} {'encode':>7} {'logp':>7} "
           f"{'update':>7} {'compile':>7}")
-    for mode in modes:
-        stepper = Stepper(args, mode)
-        for f in frames:
-            r = measure(stepper, f, args)
+    steppers = [Stepper(args, mode) for mode in modes]
+    for f in frames:
+        for r in measure(steppers, f, args):
             rows.append(r)
-            print(f"{mode:>9} {f:>6} {r['tokens']:>6} {r['seconds']:>8.3f} {r['encode_s']:>7.3f} "
-                  f"{r['logprob_s']:>7.3f} {r['update_s']:>7.3f} {r['compile_s']:>7.1f}",
-                  flush=True)
-        del stepper
+            print(f"{r['mode']:>9} {f:>6} {r['tokens']:>6} {r['seconds']:>8.3f} "
+                  f"{r['encode_s']:>7.3f} {r['logprob_s']:>7.3f} {r['update_s']:>7.3f} "
+                  f"{r['compile_s']:>7.1f}", flush=True)
 
-    sec = {(r["mode"], r["frames"]): r["seconds"] for r in rows}
-    print("\nseconds per step (rows: mode, columns: frames)")
-    print(f"{'':>12}" + "".join(f"{f:>9}" for f in frames))
-    for mode in modes:
-        print(f"{mode:>12}" + "".join(f"{sec[(mode, f)]:>9.3f}" for f in frames))
     ratios = {}
-    for other in ("stage1", "stage1+2"):
-        if "none" in modes and other in modes:
-            ratios[f"none/{other}"] = {f: round(sec[("none", f)] / sec[(other, f)], 3)
-                                       for f in frames}
-            print(f"{'none/' + other:>12}" + "".join(f"{ratios[f'none/{other}'][f]:>9.2f}"
-                                                     for f in frames))
+    for stat, title in (("seconds", "median"), ("min_s", "best")):
+        sec = {(r["mode"], r["frames"]): r[stat] for r in rows}
+        print(f"\nseconds per step, {title} of {args.repeats} (rows: mode, columns: frames)")
+        print(f"{'':>15}" + "".join(f"{f:>9}" for f in frames))
+        for mode in modes:
+            print(f"{mode:>15}" + "".join(f"{sec[(mode, f)]:>9.3f}" for f in frames))
+        for base in ("none", "none-G"):
+            for other in ("stage1", "stage1+2"):
+                if base in modes and other in modes:
+                    key = f"{base}/{other}"
+                    ratio = {f: round(sec[(base, f)] / sec[(other, f)], 3) for f in frames}
+                    ratios[key if stat == "seconds" else f"{key} (best)"] = ratio
+                    print(f"{key:>15}" + "".join(f"{ratio[f]:>9.2f}" for f in frames))
     dev = jax.devices()[0]
     meta = {"date": datetime.date.today().isoformat(), "platform": dev.platform,
             "device_kind": dev.device_kind, "devices": n_dev, "host": platform.processor()
             or platform.machine(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
-            "preset": args.preset, "group_size": args.group_size,
+            "preset": args.preset, "image_size": steppers[0].cfg.vision.image_size,
+            "tokens_per_frame": steppers[0].cfg.tokens_per_frame + 1,
+            "group_size": args.group_size,
             "prompts_per_device": args.prompts_per_device, "response_len": args.response_len,
             "sp": args.sp, "strategy": args.strategy, "dtype": args.dtype,
             "rollout": "not timed: fixed random response tokens of response_len stand in for "

@@ -1,7 +1,7 @@
 """Tokens/s and MFU of the SFT step and the RL policy-update step, per preset and sequence length.
 
   python bench/train_step.py --quick --out /tmp/train_step.json           # tiny, T=256, < 2 min
-  python bench/train_step.py --out bench/results/train_step.json           # small + qwen2_0_5b
+  python bench/train_step.py --out bench/results/train_step.json     # small, qwen2_0_5b:4 layers
   python bench/train_step.py --preset qwen2_1_5b --seq_len 8192 --dtype bfloat16 \\
       --peak_tflops 989 --out h100.json                                    # H100: bf16 dense
 
@@ -10,6 +10,10 @@ response rows) and `rl.trainer.make_update_fn(mesh, rl_config)` (GRPO loss with 
 reference log-probs), on B sequences of T tokens each: a short text prompt, for a VLM preset the
 video rows spliced in (the cached-embedding path, `trainable = "llm"`: the vision tower does not
 run), and R response tokens. Median of `--repeats` after one compile-and-warm-up call.
+At sp=1 the trainer runs dense attention (T x T logits); `--attention trainer flash` adds rows
+with the blockwise kernel (`use_flash_attention`) for comparison. `NAME:LAYERS` cuts a preset to
+fewer layers: the whole 0.5B model in float32 needs ~17 GB here (parameters, gradients, Adam
+moments, and the new copies of parameters and moments the undonated jitted step allocates).
 
 FLOPs (model FLOPs, the usual MFU convention: what the model needs, not what the code executes;
 rematerialisation and masked work are not counted). With L layers, width D, H query heads and
@@ -32,7 +36,8 @@ response rows:
 
 (PaLM's formula does not halve causal attention; ours does, so our MFU is the lower of the two.)
 `--peak_tflops` is the peak of the whole machine; without it the peak is measured in this run:
-the best of a few jitted N x N matmuls (`--peak_matmul`, 2048) in the run's dtype on one device.
+the best of a few jitted N x N matmuls (`--peak_matmul`, 2048) in the run's dtype on one device,
+before and after the runs (the better of the two: on a shared machine a loaded moment halves it).
 On CPU that makes the ratio meaningful (fake devices share the same cores, so the one-device
 matmul is the host's peak); on a GPU pass the spec sheet's dense peak times the device count
 (H100 SXM bf16 dense: 989 TFLOP/s).
@@ -49,6 +54,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -64,8 +70,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from configs import common  # noqa: E402
 from configs import demo  # noqa: E402
 from longrl_jax import sequences  # noqa: E402
-from longrl_jax.build import build_model  # noqa: E402
+from longrl_jax.build import build_model, rules as config_rules  # noqa: E402
+from longrl_jax.models import VLM, ModelConfig  # noqa: E402
 from longrl_jax.models.splice import SpliceLayout, splice_layout  # noqa: E402
+from longrl_jax.parallel import mesh as mesh_lib  # noqa: E402
 from longrl_jax.rl.trainer import make_update_fn  # noqa: E402
 from longrl_jax.run import optimizer  # noqa: E402
 from longrl_jax.sft.trainer import make_step  # noqa: E402
@@ -180,15 +188,41 @@ def timed(fn, repeats: int) -> tuple[float, float, list[float]]:
     return statistics.median(times), compile_s, times
 
 
-def bench_preset(args, preset: str, peak: float) -> list[dict]:
+def build(config, layers: int | None):
+    """`build_model` for the config's preset; with `layers`, the same steps (parameters created
+    in their shards, SP attention on a 'sequence' mesh axis) for the preset cut to that many
+    layers (a 0.5B-wide model that fits this machine's memory)."""
+    if not layers:
+        return build_model(config, video_token_id=VIDEO_ID, separator_token_id=SEP_ID)
+    m = config.model
+    kw = {"vocab_size": m.vocab_size} if m.preset in ("tiny", "small") else {}
+    cfg = getattr(ModelConfig, m.preset)(**kw)
+    cfg = cfg.replace(llm=dataclasses.replace(cfg.llm, num_layers=layers),
+                      video_token_id=VIDEO_ID, separator_token_id=SEP_ID)
+    mesh = mesh_lib.make_mesh(dict(config.mesh))
+    model = mesh_lib.create_sharded(
+        lambda: VLM(cfg, rngs=nnx.Rngs(config.seed), param_dtype=getattr(jnp, m.param_dtype),
+                    dtype=getattr(jnp, m.dtype), remat=m.remat, scan_layers=m.scan_layers),
+        mesh, config_rules(config))
+    if mesh.shape["sequence"] > 1:
+        model.llm.enable_sequence_parallel(mesh, config.sp.strategy, layout=config.sp.layout)
+    return model, mesh
+
+
+def bench_preset(args, spec: str, attention: str, peak: float) -> list[dict]:
+    preset, _, layers = spec.partition(":")
     config = make_config(args, preset)
-    model, mesh = build_model(config, video_token_id=VIDEO_ID, separator_token_id=SEP_ID)
+    model, mesh = build(config, int(layers) if layers else None)
+    if attention == "flash" and mesh.shape["sequence"] == 1:
+        model.llm.use_flash_attention()
     cfg = model.cfg
     opt = optimizer(model, config.sft.optimizer, "llm")
     for obj in (model, opt):
         canonicalize(obj, mesh)
     sft_step = make_step(mesh)
     update = make_update_fn(mesh, config.rl)
+    attention = (f"{args.strategy} (sp={args.sp})" if mesh.shape["sequence"] > 1 else
+                 "flash" if attention == "flash" else "dense")
     rows = []
     for t in args.seq_len:
         batch, frames = make_batch(cfg, t, args.batch, args.response_len)
@@ -204,7 +238,8 @@ def bench_preset(args, preset: str, peak: float) -> list[dict]:
                  "rl_update": lambda: update(model, opt, placed, adv, old, ref)}
         for name in args.steps:
             sec, compile_s, times = timed(steps[name], args.repeats)
-            row = {"step": name, "preset": preset, "seq_len": t, "batch": args.batch,
+            row = {"step": name, "preset": spec, "layers": cfg.llm.num_layers,
+                   "attention": attention, "seq_len": t, "batch": args.batch,
                    "response_len": args.response_len, "frames": frames,
                    "devices": jax.device_count(), "sp": args.sp, "dtype": args.dtype,
                    "seconds": round(sec, 4), "tokens_per_s": round(args.batch * t / sec, 1),
@@ -214,7 +249,7 @@ def bench_preset(args, preset: str, peak: float) -> list[dict]:
                    "flops_fwd_per_seq": {k: v for k, v in fl.items()},
                    "compile_s": round(compile_s, 2), "all_s": [round(x, 4) for x in times]}
             rows.append(row)
-            print(f"{preset:>11} {name:>9} {t:>6} {args.batch:>3} {sec:>8.3f} "
+            print(f"{spec:>12} {attention:>6} {name:>9} {t:>6} {args.batch:>3} {sec:>8.3f} "
                   f"{row['tokens_per_s']:>9.0f} {row['achieved_tflops'] * 1e3:>9.1f} "
                   f"{row['mfu'] * 100:>6.1f}% {fl['attention'] / fl['total'] * 100:>5.1f}% "
                   f"{compile_s:>7.1f}", flush=True)
@@ -226,7 +261,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="tiny preset, T=256")
     ap.add_argument("--out", default=None)
     ap.add_argument("--preset", nargs="+", default=None,
-                    help="ModelConfig presets (default: small qwen2_0_5b; tiny with --quick)")
+                    help="ModelConfig presets, NAME or NAME:LAYERS (the preset cut to that many "
+                         "layers); default: small qwen2_0_5b:4; tiny with --quick")
+    ap.add_argument("--attention", nargs="+", default=["trainer"], choices=["trainer", "flash"],
+                    help="at sp=1: the trainer's (dense, T^2 logits), and/or blockwise flash")
     ap.add_argument("--vocab_size", type=int, default=1024, help="for the tiny/small presets")
     ap.add_argument("--seq_len", type=int, nargs="+", default=None)
     ap.add_argument("--batch", type=int, default=1, help="sequences per step (all devices)")
@@ -243,7 +281,7 @@ def main():
                     help="machine peak in TFLOP/s (default: measured with a matmul)")
     ap.add_argument("--peak_matmul", type=int, default=2048, help="N of the peak matmul")
     args = ap.parse_args()
-    presets = args.preset or (["tiny"] if args.quick else ["small", "qwen2_0_5b"])
+    presets = args.preset or (["tiny"] if args.quick else ["small", "qwen2_0_5b:4"])
     args.seq_len = args.seq_len or ([256] if args.quick else [512, 2048])
 
     dev = jax.devices()[0]
@@ -253,12 +291,24 @@ def main():
         peak = measure_peak(args.peak_matmul, getattr(jnp, args.dtype))
         source = (f"measured: best of 7 jitted {args.peak_matmul}x{args.peak_matmul} "
                   f"{args.dtype} matmuls on one {dev.platform} device")
-    print(f"peak {peak / 1e12 * 1e3:.1f} GFLOP/s ({source})")
-    print(f"{'preset':>11} {'step':>9} {'T':>6} {'B':>3} {'s/step':>8} {'tokens/s':>9} "
-          f"{'GFLOP/s':>9} {'MFU':>7} {'attn':>6} {'compile':>7}")
+    print(f"peak {peak / 1e9:.1f} GFLOP/s ({source})")
+    print(f"{'preset':>12} {'attn':>6} {'step':>9} {'T':>6} {'B':>3} {'s/step':>8} {'tokens/s':>9} "
+          f"{'GFLOP/s':>9} {'MFU':>7} {'attn%':>6} {'compile':>7}")
     rows = []
     for preset in presets:
-        rows += bench_preset(args, preset, peak)
+        for attention in args.attention:
+            rows += bench_preset(args, preset, attention, peak)
+    if not args.peak_tflops:  # again after the runs: the best of both is nearer the hardware's
+        after = measure_peak(args.peak_matmul, getattr(jnp, args.dtype))
+        print(f"peak after the runs {after / 1e9:.1f} GFLOP/s")
+        source += f"; best of before ({peak / 1e9:.1f} GFLOP/s) and after ({after / 1e9:.1f})"
+        if after > peak:
+            peak = after
+            for r in rows:
+                r["mfu"] = r["achieved_tflops"] * 1e12 / peak
+            print(f"MFU against {peak / 1e9:.1f} GFLOP/s: " + ", ".join(
+                f"{r['preset']} {r['step']} T={r['seq_len']} {r['attention']}: "
+                f"{r['mfu'] * 100:.1f}%" for r in rows))
     meta = {"date": datetime.date.today().isoformat(), "platform": dev.platform,
             "device_kind": dev.device_kind, "devices": jax.device_count(),
             "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
