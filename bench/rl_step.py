@@ -37,9 +37,10 @@ second step compiles the update again, as it does in the trainer.) The vision to
 (RL trains the LLM only, as the trainer does).
 
 Rows: {"mode", "frames", "tokens", "seconds" (median), "min_s", "devices", "preset", "sp",
-"encode_s", "logprob_s", "update_s", "compile_s", ...}. On CPU the devices are fake (they share the host's
-cores), so stage 2 cannot speed anything up there and collectives are memcpys: the CPU numbers
-are a proxy of the work per step (how many encodes, how many passes), not of a GPU mesh.
+"encode_s", "logprob_s", "update_s", "compile_s", ...}. On CPU the devices are fake (they share
+the host's cores), so stage 2 cannot speed anything up there and collectives are memcpys: the
+CPU numbers are a proxy of the work per step (how many encodes, how many passes), not of a GPU
+mesh.
 """
 
 from __future__ import annotations
