@@ -73,9 +73,7 @@ from configs import demo  # noqa: E402
 from longrl_jax import sequences  # noqa: E402
 from longrl_jax.build import build_model, rules as config_rules  # noqa: E402
 from longrl_jax.config_check import validate  # noqa: E402
-from longrl_jax.models import VLM, ModelConfig  # noqa: E402
 from longrl_jax.models.splice import splice_layout  # noqa: E402
-from longrl_jax.parallel import mesh as mesh_lib  # noqa: E402
 from longrl_jax.parallel import video as video_lib  # noqa: E402
 from longrl_jax.rl.trainer import make_logprob_fn, make_update_fn  # noqa: E402
 from longrl_jax.run import optimizer  # noqa: E402
@@ -115,21 +113,10 @@ def build(config, image_size: int | None):
     """`build_model` for the config's preset; with `image_size`, the same steps (parameters
     created in their shards, SP attention on a 'sequence' mesh axis) for the preset with its
     vision tower at another frame size: more patches and more tokens per frame."""
-    if not image_size:
-        return build_model(config, video_token_id=VIDEO_ID, separator_token_id=SEP_ID)
-    m = config.model
-    kw = {"vocab_size": m.vocab_size} if m.preset in ("tiny", "small") else {}
-    cfg = getattr(ModelConfig, m.preset)(**kw)
-    cfg = cfg.with_vision(dataclasses.replace(cfg.vision, image_size=image_size),
-                          video_token_id=VIDEO_ID, separator_token_id=SEP_ID)
-    mesh = mesh_lib.make_mesh(dict(config.mesh))
-    vlm = mesh_lib.create_sharded(
-        lambda: VLM(cfg, rngs=nnx.Rngs(config.seed), param_dtype=getattr(jnp, m.param_dtype),
-                    dtype=getattr(jnp, m.dtype), remat=m.remat, scan_layers=m.scan_layers),
-        mesh, config_rules(config))
-    if mesh.shape["sequence"] > 1:
-        vlm.llm.enable_sequence_parallel(mesh, config.sp.strategy, layout=config.sp.layout)
-    return vlm, mesh
+    adjust = (lambda cfg:
+              cfg.with_vision(dataclasses.replace(cfg.vision, image_size=image_size))) if image_size else None
+    return build_model(config, video_token_id=VIDEO_ID, separator_token_id=SEP_ID,
+                       adjust=adjust)
 
 
 def canonicalize(obj, mesh) -> None:

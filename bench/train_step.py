@@ -70,10 +70,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from configs import common  # noqa: E402
 from configs import demo  # noqa: E402
 from longrl_jax import sequences  # noqa: E402
-from longrl_jax.build import build_model, rules as config_rules  # noqa: E402
-from longrl_jax.models import VLM, ModelConfig  # noqa: E402
+from longrl_jax.build import build_model  # noqa: E402
 from longrl_jax.models.splice import SpliceLayout, splice_layout  # noqa: E402
-from longrl_jax.parallel import mesh as mesh_lib  # noqa: E402
 from longrl_jax.rl.trainer import make_update_fn  # noqa: E402
 from longrl_jax.run import optimizer  # noqa: E402
 from longrl_jax.sft.trainer import make_step  # noqa: E402
@@ -192,21 +190,10 @@ def build(config, layers: int | None):
     """`build_model` for the config's preset; with `layers`, the same steps (parameters created
     in their shards, SP attention on a 'sequence' mesh axis) for the preset cut to that many
     layers (a 0.5B-wide model that fits this machine's memory)."""
-    if not layers:
-        return build_model(config, video_token_id=VIDEO_ID, separator_token_id=SEP_ID)
-    m = config.model
-    kw = {"vocab_size": m.vocab_size} if m.preset in ("tiny", "small") else {}
-    cfg = getattr(ModelConfig, m.preset)(**kw)
-    cfg = cfg.replace(llm=dataclasses.replace(cfg.llm, num_layers=layers),
-                      video_token_id=VIDEO_ID, separator_token_id=SEP_ID)
-    mesh = mesh_lib.make_mesh(dict(config.mesh))
-    model = mesh_lib.create_sharded(
-        lambda: VLM(cfg, rngs=nnx.Rngs(config.seed), param_dtype=getattr(jnp, m.param_dtype),
-                    dtype=getattr(jnp, m.dtype), remat=m.remat, scan_layers=m.scan_layers),
-        mesh, config_rules(config))
-    if mesh.shape["sequence"] > 1:
-        model.llm.enable_sequence_parallel(mesh, config.sp.strategy, layout=config.sp.layout)
-    return model, mesh
+    adjust = (lambda cfg:
+              cfg.replace(llm=dataclasses.replace(cfg.llm, num_layers=layers))) if layers else None
+    return build_model(config, video_token_id=VIDEO_ID, separator_token_id=SEP_ID,
+                       adjust=adjust)
 
 
 def bench_preset(args, spec: str, attention: str, peak: float) -> list[dict]:

@@ -18,11 +18,12 @@ def rules(config) -> tuple:
 
 
 def build_model(config, *, video_token_id: int | None = None,
-                separator_token_id: int | None = None):
+                separator_token_id: int | None = None, adjust=None):
     """(model, mesh): the configured preset or checkpoint, created directly in its shards, with
     sequence-parallel attention installed when the mesh has a 'sequence' axis. A bad field
     raises ValueError naming it. Token ids given here (the run's tokenizer) override the
-    config's, which may be -1 for "from the tokenizer"."""
+    config's, which may be -1 for "from the tokenizer". `adjust(ModelConfig) -> ModelConfig`
+    changes a preset before it is built (benchmarks: fewer layers, another frame size)."""
     mesh = mesh_lib.make_mesh(dict(config.mesh))
     axis_rules = rules(config)
     param_dtype = getattr(jnp, config.model.param_dtype)
@@ -39,7 +40,10 @@ def build_model(config, *, video_token_id: int | None = None,
         vid = video_token_id if video_token_id is not None else config.model.video_token_id
         sep = separator_token_id if separator_token_id is not None else \
             config.model.separator_token_id
-        cfg = preset(**kw).replace(video_token_id=vid, separator_token_id=sep)
+        cfg = preset(**kw)
+        if adjust is not None:
+            cfg = adjust(cfg)
+        cfg = cfg.replace(video_token_id=vid, separator_token_id=sep)
         model = mesh_lib.create_sharded(
             lambda: VLM(cfg, rngs=nnx.Rngs(config.seed), param_dtype=param_dtype,
                         dtype=getattr(jnp, config.model.dtype), remat=config.model.remat,

@@ -68,6 +68,22 @@ class RunContext:
         return [lvr.decode(source[i]) for i in range(n)]
 
 
+def open_checkpoints(ctx: RunContext, stage: str, stage_cfg, model, opt, data_iter):
+    """(TrainCheckpointer, first step) of a stage: restores model, optimizer and data
+    iterator in place from the newest checkpoint, if there is one."""
+    from longrl_jax.checkpoint import TrainCheckpointer
+
+    ckpt = TrainCheckpointer(ctx.path("checkpoints", stage),
+                             max_to_keep=stage_cfg.keep_checkpoints,
+                             save_interval_steps=stage_cfg.checkpoint_every)
+    if ckpt.latest_step() is None:
+        return ckpt, 0
+    extra = ckpt.restore(model=model, optimizer=opt)
+    data_iter.set_state(extra["data_state"])
+    log.info("%s: resumed at step %d", stage, extra["step"])
+    return ckpt, extra["step"]
+
+
 def next_examples(iterator: Iterator, n: int) -> list[lvr.Example]:
     return [next(iterator) for _ in range(n)]
 

@@ -56,13 +56,15 @@ class Serving:
         """After a restart: the current weights (at the current version) again."""
         self.sent_keys.clear()
         if self._model is not None and self.version:
-            arrays = hf.hf_arrays(self._model, "llm", dtype=np.dtype(self.config.rollout.dtype))
-            client.update_weights(arrays, self.version)
+            client.update_weights(self._arrays(self._model), self.version)
+
+    def _arrays(self, model) -> dict[str, np.ndarray]:
+        return hf.hf_arrays(model, "llm", dtype=np.dtype(self.config.rollout.dtype))
 
     def sync(self, model) -> float:
         """Pushes the policy's LLM weights as the next version; returns the bytes sent."""
         self._model = model
-        arrays = hf.hf_arrays(model, "llm", dtype=np.dtype(self.config.rollout.dtype))
+        arrays = self._arrays(model)
         reply = self.server.call(lambda c: c.update_weights(arrays, self.version + 1))
         self.version = reply.weight_version
         return float(reply.nbytes)

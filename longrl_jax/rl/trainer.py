@@ -16,15 +16,15 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from longrl_jax import evaluate as eval_lib
 from longrl_jax import metrics as metrics_lib
 from longrl_jax import sequences
-from longrl_jax.checkpoint import TrainCheckpointer
 from longrl_jax.rl import algorithms as alg
 from longrl_jax.rl import rewards as rewards_lib
-from longrl_jax.run import RunContext, next_examples, optimizer
+from longrl_jax.run import RunContext, next_examples, open_checkpoints, optimizer
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,7 @@ def make_update_fn(mesh, c):
     def update(model, opt, b, adv, old_logp, ref_logp):
         grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, opt.wrt), has_aux=True)
         (_, m), grads = grad_fn(model, b, adv, old_logp, ref_logp)
-        m["grad_norm"] = jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2)
-                                      for g in jax.tree.leaves(grads)))
+        m["grad_norm"] = optax.global_norm(grads)
         opt.update(model, grads)
         return m
     return update
@@ -126,14 +125,7 @@ def train(ctx: RunContext, serving) -> None:
     logprob_fn = make_logprob_fn(ctx.mesh)
     update_fn = make_update_fn(ctx.mesh, c)
     it = iter(ctx.loader("train", seed=ctx.config.seed + 1))
-    ckpt = TrainCheckpointer(ctx.path("checkpoints", "rl"), max_to_keep=c.keep_checkpoints,
-                             save_interval_steps=c.checkpoint_every)
-    step = 0
-    if ckpt.latest_step() is not None:
-        extra = ckpt.restore(model=model, optimizer=opt)
-        step = extra["step"]
-        it.set_state(extra["data_state"])
-        log.info("RL: resumed at step %d", step)
+    ckpt, step = open_checkpoints(ctx, "rl", c, model, opt, it)
     serving.sync(model)
     g = c.group_size
     eval_prompts = ctx.prompts(ctx.eval_examples()) if c.eval_every else []

@@ -13,12 +13,12 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from longrl_jax import metrics as metrics_lib
 from longrl_jax import sequences
-from longrl_jax.checkpoint import TrainCheckpointer
-from longrl_jax.run import RunContext, next_examples, optimizer
+from longrl_jax.run import RunContext, next_examples, open_checkpoints, optimizer
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,7 @@ def make_step(mesh):
     def step(model, opt, b):
         grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, opt.wrt), has_aux=True)
         (_, aux), grads = grad_fn(model, b, mesh)
-        aux["grad_norm"] = jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2)
-                                        for g in jax.tree.leaves(grads)))
+        aux["grad_norm"] = optax.global_norm(grads)
         opt.update(model, grads)
         return aux
     return step
@@ -90,14 +89,7 @@ def train(ctx: RunContext) -> None:
     split = "sft" if ctx.config.sft.num_examples else "train"
     loader = ctx.loader(split, seed=ctx.config.seed)
     it = iter(loader)
-    ckpt = TrainCheckpointer(ctx.path("checkpoints", "sft"), max_to_keep=c.keep_checkpoints,
-                             save_interval_steps=c.checkpoint_every)
-    step = 0
-    if ckpt.latest_step() is not None:
-        extra = ckpt.restore(model=model, optimizer=opt)
-        step = extra["step"]
-        it.set_state(extra["data_state"])
-        log.info("SFT: resumed at step %d", step)
+    ckpt, step = open_checkpoints(ctx, "sft", c, model, opt, it)
     bar = metrics_lib.progress(c.steps, desc="sft", unit="step", initial=step)
     while step < c.steps:
         with ctx.timers("data"):
