@@ -41,28 +41,35 @@ def optimizer_config(lr: float, warmup_steps: int = 0, weight_decay: float = 0.0
 
 
 def synthetic_dataset(num_train: int, num_eval: int, video_frames: int, size: int = 32,
-                      seed: int = 0):
-    """The embedded synthetic long-video suite, generated into WORKDIR/data on first use."""
+                      seed: int = 0, options: str = "shuffled", distractors: bool = True,
+                      traces: str = "frames"):
+    """The embedded synthetic long-video suite, generated into WORKDIR/data on first use;
+    `options` ("shuffled" or "ordered"), `distractors` and `traces` ("frames" or "brief"): see
+    longrl_jax/data/synthetic.py."""
     return ml_collections.ConfigDict(dict(
         kind="synthetic", train="", eval="", video_dir="", tokenizer="",
         synthetic=dict(num_train=num_train, num_eval=num_eval, video_frames=video_frames,
-                       size=size, seed=seed)))
+                       size=size, seed=seed, options=options, distractors=distractors,
+                       traces=traces)))
 
 
 def jsonl_dataset(train: str, eval: str, video_dir: str, tokenizer: str):
     """LongVideo-Reason JSONL splits, their video directory and the model's tokenizer."""
     return ml_collections.ConfigDict(dict(
         kind="jsonl", train=train, eval=eval, video_dir=video_dir, tokenizer=tokenizer,
-        synthetic=dict(num_train=0, num_eval=0, video_frames=0, size=0, seed=0)))
+        synthetic=dict(num_train=0, num_eval=0, video_frames=0, size=0, seed=0,
+                       options="shuffled", distractors=True, traces="frames")))
 
 
 def sft_config(steps: int, batch_size: int, lr: float, *, num_examples: int = 0,
                max_response_tokens: int = 2048, trainable: str = "llm", warmup_steps: int = 0,
-               checkpoint_every: int = 100, keep_checkpoints: int = 2):
+               checkpoint_every: int = 100, keep_checkpoints: int = 2, num_frames: int = 0):
     """CoT-SFT. `num_examples` > 0 trains on the first N training rows only; `trainable` is
-    "llm", "llm+projector" or "all" (the vision tower too)."""
+    "llm", "llm+projector" or "all" (the vision tower too); `num_frames` > 0 samples that many
+    frames per video for SFT instead of `data.num_frames` (short clips first, long videos in RL
+    and evaluation)."""
     return ml_collections.ConfigDict(dict(
-        steps=steps, batch_size=batch_size, num_examples=num_examples,
+        steps=steps, batch_size=batch_size, num_examples=num_examples, num_frames=num_frames,
         max_response_tokens=max_response_tokens, trainable=trainable,
         optimizer=optimizer_config(lr, warmup_steps), checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints))
@@ -95,8 +102,10 @@ def rollout_config(max_model_len: int = 4096, dtype: str = "bfloat16", **kw):
     return c
 
 
-def eval_config(num_examples: int = 0, max_tokens: int = 2048):
-    return ml_collections.ConfigDict(dict(num_examples=num_examples, max_tokens=max_tokens))
+def eval_config(num_examples: int = 0, max_tokens: int = 2048, temperature: float = 0.0):
+    """Held-out evaluation; temperature 0 is greedy (Long-RL validates at 0.5, n = 1)."""
+    return ml_collections.ConfigDict(dict(num_examples=num_examples, max_tokens=max_tokens,
+                                          temperature=temperature))
 
 
 def judge_config():

@@ -30,12 +30,12 @@ def get_config(arg: str | None = None):
         preset="tiny" if runlocal else "longvila_r1_7b", vocab_size=640, checkpoint="",
         param_dtype="float32" if runlocal else "bfloat16",
         dtype="float32" if runlocal else "bfloat16",
-        video_token_id=-1, separator_token_id=-1, scan_layers=not runlocal, remat=not runlocal))
+        video_token_id=-1, separator_token_id=-1, scan_layers=not runlocal, remat=not runlocal,
+        attention="dense" if runlocal else "flash"))
     c.mesh = common.mesh_config(fsdp=-1, sequence=1 if runlocal else 4)
     c.sharding_rules = common.sharding_rules()
     c.sp = common.sp_config(strategy="ring", layout="contiguous", frames_per_chunk=16)
-    c.num_frames = 16 if runlocal else 256
-    c.data = common.data_config(num_frames=c.num_frames)
+    c.data = common.data_config(num_frames=16 if runlocal else 256)
     if runlocal:
         c.dataset = common.synthetic_dataset(num_train=32, num_eval=8, video_frames=48)
     else:

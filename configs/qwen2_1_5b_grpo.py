@@ -19,7 +19,6 @@ def get_config(arg: str | None = None):
     if not runlocal:
         c.model.preset = "qwen2_1_5b"
         c.mesh.sequence = 1
-        c.num_frames = 64
         c.data.num_frames = 64
         c.rl.prompts_per_step = 32
         c.rl.minibatch_size = 64

@@ -5,6 +5,7 @@ Shared by the entry point and the tools, so every command reads a config the sam
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -17,13 +18,31 @@ def rules(config) -> tuple:
     return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding_rules)
 
 
+INIT_STD = 0.02   # what every random weight matrix starts with (transformers' initializer_range)
+
+
+def _rescale_init(model, factor: float) -> None:
+    """A fresh model's weight matrices are normal(0, 0.02); norms and biases are constants. A tiny
+    model trained from scratch learns much faster from a fan-in-sized init (std ~ 1/sqrt(width)),
+    so `config.model.init_std` rescales the random ones (never a loaded checkpoint)."""
+    state = nnx.state(model, nnx.Param)
+
+    def scale(path, x):
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        name = [n for n in names if n != "value"][-1]
+        return x * factor if name not in ("scale", "bias", "patch_bias") else x
+    nnx.update(model, jax.tree_util.tree_map_with_path(scale, state))
+
+
 def build_model(config, *, video_token_id: int | None = None,
                 separator_token_id: int | None = None, adjust=None):
     """(model, mesh): the configured preset or checkpoint, created directly in its shards, with
     sequence-parallel attention installed when the mesh has a 'sequence' axis. A bad field
     raises ValueError naming it. Token ids given here (the run's tokenizer) override the
     config's, which may be -1 for "from the tokenizer". `adjust(ModelConfig) -> ModelConfig`
-    changes a preset before it is built (benchmarks: fewer layers, another frame size)."""
+    changes a preset before it is built (benchmarks: fewer layers, another frame size).
+    `config.model.attention` "flash" uses blockwise attention when the mesh has no sequence axis
+    (with one, the SP strategy decides)."""
     mesh = mesh_lib.make_mesh(dict(config.mesh))
     axis_rules = rules(config)
     param_dtype = getattr(jnp, config.model.param_dtype)
@@ -48,6 +67,11 @@ def build_model(config, *, video_token_id: int | None = None,
             lambda: VLM(cfg, rngs=nnx.Rngs(config.seed), param_dtype=param_dtype,
                         dtype=getattr(jnp, config.model.dtype), remat=config.model.remat,
                         scan_layers=config.model.scan_layers), mesh, axis_rules)
+        init_std = config.model.get("init_std", INIT_STD)
+        if init_std != INIT_STD:
+            _rescale_init(model, init_std / INIT_STD)
     if mesh.shape["sequence"] > 1:
         model.llm.enable_sequence_parallel(mesh, config.sp.strategy, layout=config.sp.layout)
+    elif config.model.get("attention", "dense") == "flash":
+        model.llm.use_flash_attention()   # O(T) memory without SP; same numbers as dense
     return model, mesh

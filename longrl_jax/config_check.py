@@ -33,6 +33,16 @@ def validate(c) -> list[str]:
         need(s.num_train > 0, "dataset.synthetic.num_train", "must be positive")
         need(s.num_eval > 0, "dataset.synthetic.num_eval", "must be positive")
         need(s.video_frames >= 8, "dataset.synthetic.video_frames", "must be >= 8")
+        need(s.get("options", "shuffled") in ("shuffled", "ordered"), "dataset.synthetic.options",
+             "shuffled or ordered")
+        need(s.get("distractors", True) or s.get("options") == "ordered",
+             "dataset.synthetic.distractors", "False needs dataset.synthetic.options='ordered'")
+        need(s.get("traces", "frames") == "frames" or
+             (s.get("traces") == "brief" and s.get("options") == "ordered"),
+             "dataset.synthetic.traces", "'frames', or 'brief' with options='ordered'")
+    need(c.model.get("init_std", 0.02) > 0, "model.init_std", "must be positive")
+    need(c.model.get("attention", "dense") in ("dense", "flash"), "model.attention",
+         "dense or flash")
     need((c.data.num_frames is None) != (c.data.fps is None), "data.num_frames",
          "set exactly one of data.num_frames and data.fps")
     need(c.sp.strategy in SP_STRATEGIES, "sp.strategy",
@@ -46,6 +56,7 @@ def validate(c) -> list[str]:
         need(s.batch_size > 0, "sft.batch_size", "must be positive")
         need(s.max_response_tokens > 0, "sft.max_response_tokens", "must be positive")
         need(s.trainable in TRAINABLE, "sft.trainable", f"one of {TRAINABLE}")
+        need(s.get("num_frames", 0) >= 0, "sft.num_frames", "must be >= 0 (0: data.num_frames)")
         need(s.optimizer.lr > 0, "sft.optimizer.lr", "must be positive")
         need(s.checkpoint_every > 0, "sft.checkpoint_every", "must be positive")
     if "rl" in c.stages:

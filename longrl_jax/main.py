@@ -9,6 +9,7 @@ loaded), an interrupted stage continues from its last checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging as pylogging
 import os
@@ -100,7 +101,10 @@ def run(config, workdir: str) -> dict:
             load_final("sft")
         else:
             from longrl_jax.sft import trainer as sft_trainer
-            sft_trainer.train(ctx)
+            sft_frames = config.sft.get("num_frames", 0)
+            sft_ctx = ctx if not sft_frames else dataclasses.replace(ctx, embedder=VideoEmbedder(
+                model, mesh, config, os.path.join(workdir, "cache"), rules, num_frames=sft_frames))
+            sft_trainer.train(sft_ctx)
             checkpoint.save_params(model, params_dir("sft"))
             progress.mark("sft")
 
@@ -117,7 +121,9 @@ def run(config, workdir: str) -> dict:
 
         def run_eval(name, step):
             res = evaluate.evaluate(serving, eval_prompts, tokenizer, tokens,
-                                    max_tokens=config.eval.max_tokens, judge=judge)
+                                    max_tokens=config.eval.max_tokens, judge=judge,
+                                    temperature=config.eval.get("temperature", 0.0),
+                                    seed=config.seed)
             summary[name] = res
             progress.mark("eval", summary)
             ctx.writer.write(step, {"eval/accuracy": res["accuracy"],

@@ -14,6 +14,7 @@ from typing import Iterator
 import jax
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from longrl_jax import sequences
 from longrl_jax.data import longvideo_reason as lvr
@@ -92,6 +93,16 @@ def next_examples(iterator: Iterator, n: int) -> list[lvr.Example]:
 # Data preparation
 # ------------------------------------------------------------------------------------------------
 
+def fewest_frames(config) -> int | None:
+    """The fewest frames any stage samples per video: synthetic events are made long enough
+    for that sampling to see them."""
+    counts = [config.data.num_frames]
+    if "sft" in config.stages and config.sft.get("num_frames", 0):
+        counts.append(config.sft.num_frames)
+    counts = [n for n in counts if n]
+    return min(counts) if counts else None
+
+
 def prepare_data(config, workdir: str) -> tuple[str, str, str]:
     """(records_dir, video_dir, tokenizer_dir). The synthetic suite is generated once; the
     JSONL splits are written as array_record files grain reads."""
@@ -102,7 +113,10 @@ def prepare_data(config, workdir: str) -> tuple[str, str, str]:
             s = d.synthetic
             counts = synthetic.generate(root, num_train=s.num_train, num_eval=s.num_eval,
                                         num_frames=s.video_frames, seed=s.seed, size=s.size,
-                                        tokenizer=True, sample_frames=config.data.num_frames)
+                                        tokenizer=True, sample_frames=fewest_frames(config),
+                                        options=s.get("options", "shuffled"),
+                                        distractors=s.get("distractors", True),
+                                        traces=s.get("traces", "frames"))
             log.info("synthetic suite: %s", counts)
         train, evals = os.path.join(root, "train.jsonl"), os.path.join(root, "eval.jsonl")
         video_dir, tok_dir = os.path.join(root, "videos"), os.path.join(root, "tokenizer")
@@ -140,7 +154,23 @@ def optimizer(model, opt_cfg, trainable: str) -> nnx.Optimizer:
     tx = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip),
                      optax.adamw(sched, b1=opt_cfg.b1, b2=opt_cfg.b2,
                                  weight_decay=opt_cfg.weight_decay))
-    return nnx.Optimizer(model, tx, wrt=trainable_filter(trainable))
+    opt = nnx.Optimizer(model, tx, wrt=trainable_filter(trainable))
+    _onto_model_mesh(opt, model)
+    return opt
+
+
+def _onto_model_mesh(opt: nnx.Optimizer, model) -> None:
+    """optax creates the step counts on the default device, and the first step returns them on
+    the mesh: the second step would compile again. Put them there from the start."""
+    meshes = [x.sharding.mesh for x in jax.tree.leaves(nnx.state(model, nnx.Param))
+              if isinstance(x.sharding, NamedSharding)]
+    if not meshes:
+        return
+    replicated = NamedSharding(meshes[0], PartitionSpec())
+
+    def put(x):
+        return x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated)
+    nnx.update(opt, jax.tree.map(put, nnx.state(opt)))
 
 
 def trainable_filter(trainable: str):

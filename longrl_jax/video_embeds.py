@@ -17,19 +17,22 @@ from longrl_jax.parallel import video as video_lib
 log = logging.getLogger(__name__)
 
 
-def sampling_of(config, image_size: int) -> Sampling:
+def sampling_of(config, image_size: int, num_frames: int = 0) -> Sampling:
+    """`num_frames` > 0 overrides the config's frame count (a stage that uses fewer frames)."""
     d = config.data
+    if num_frames:
+        return Sampling(num_frames=num_frames, size=image_size)
     return Sampling(num_frames=d.num_frames, fps=d.fps, max_frames=d.max_frames, size=image_size)
 
 
 class VideoEmbedder:
-    def __init__(self, model, mesh, config, cache_dir: str, rules):
+    def __init__(self, model, mesh, config, cache_dir: str, rules, num_frames: int = 0):
         self.model = model
         self.mesh = mesh
         self.rules = rules
         self.frames_per_chunk = config.sp.frames_per_chunk
         self.decode_batch = config.data.decode_batch
-        self.sampling = sampling_of(config, model.cfg.vision.image_size)
+        self.sampling = sampling_of(config, model.cfg.vision.image_size, num_frames)
         self.cache = EmbedCache(cache_dir, weights_fingerprint(model))
         self._memory: dict[str, tuple[str, np.ndarray]] = {}
         self.computed = self.cached = 0

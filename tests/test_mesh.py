@@ -25,13 +25,13 @@ def test_bad_mesh_sizes_are_named(sizes, match):
 def test_logical_rules_respect_divisibility_and_reuse():
     mesh = mesh_lib.make_mesh({"fsdp": 2, "tensor": 4})
     spec = mesh_lib.logical_to_spec(("embed", "heads", "head_dim"), (64, 8, 16), mesh)
-    assert spec == P("fsdp", "tensor", None)
+    assert spec == P("fsdp", "tensor")
     # 2 kv heads do not divide by 4: replicated, not an error.
     assert mesh_lib.logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 2, 16), mesh) == \
-        P("fsdp", None, None)
+        P("fsdp")
     # one mesh axis is never used twice in a parameter
     rules = (("a", "tensor"), ("b", "tensor"))
-    assert mesh_lib.logical_to_spec(("a", "b"), (8, 8), mesh, rules) == P("tensor", None)
+    assert mesh_lib.logical_to_spec(("a", "b"), (8, 8), mesh, rules) == P("tensor")
     # a multi-axis rule keeps the prefix that divides
     rules = (("batch", ("fsdp", "tensor")),)
     assert mesh_lib.logical_to_spec(("batch",), (8,), mesh, rules) == P(("fsdp", "tensor"))

@@ -141,6 +141,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             n = len(srv.requests)
             srv.active += 1
             srv.max_active = max(srv.max_active, srv.active)
+        # The request counts as active until its reply is decided, not until it is sent: the
+        # client may read the reply and start its next request before this thread resumes.
         try:
             prompt = req["messages"][0]["content"]
             model_answer = prompt.split("Model answer: ")[1].split("\n")[0]
@@ -150,17 +152,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if srv.mode == "concurrency":
                 time.sleep(0.1)
             if srv.mode == "malformed":
-                return self._send(200, b'{"choices": [ {"message": ')
-            if srv.mode == "no_choices":
-                return self._send(200, {"choices": []})
-            if srv.mode == "flaky" and n == 1:
-                return self._send(500, {"error": "overloaded"})
-            if srv.mode == "unauthorized":
-                return self._send(401, {"error": "bad key"})
-            self._send(200, {"choices": [{"message": {"role": "assistant", "content": verdict}}]})
+                reply = (200, b'{"choices": [ {"message": ')
+            elif srv.mode == "no_choices":
+                reply = (200, {"choices": []})
+            elif srv.mode == "flaky" and n == 1:
+                reply = (500, {"error": "overloaded"})
+            elif srv.mode == "unauthorized":
+                reply = (401, {"error": "bad key"})
+            else:
+                reply = (200, {"choices": [{"message": {"role": "assistant",
+                                                        "content": verdict}}]})
         finally:
             with srv.lock:
                 srv.active -= 1
+        self._send(*reply)
 
 
 @pytest.fixture

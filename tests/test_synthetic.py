@@ -87,3 +87,67 @@ def test_tokenizer_covers_the_text(suite):
     for r in rows[:8]:
         for word in re.findall(r"[A-Za-z]+", r["problem"] + " " + r["reasoning"]):
             assert len(tok(" " + word)["input_ids"]) == 1, word
+
+
+@pytest.mark.parametrize("distractors", [True, False])
+def test_ordered_options_are_fixed_balanced_and_true_to_the_video(distractors):
+    fixed = {"spatial": list(synthetic.QUADRANTS), "counting": ["1", "2", "3", "4"],
+             "needle": list(synthetic.NEEDLE_COLORS)}
+    letters = collections.Counter()
+    outcomes = collections.Counter()
+    for i in range(64):
+        row, _ = synthetic.make_example(i, seed=4, num_frames=48, size=32, split="train",
+                                        options="ordered", distractors=distractors,
+                                        sample_frames=16)
+        cat, events, opts = row["category"], row["meta"]["events"], row["options"]
+        answer = opts["ABCD".index(row["answer"])]
+        letters[row["answer"]] += 1
+        if cat in fixed:
+            assert opts == fixed[cat]
+        if cat == "needle":
+            assert [e["color"] for e in events] == [answer]
+        elif cat == "spatial":
+            named = re.search(r"did the (\w+) (\w+) appear", row["problem"]).groups()
+            target = [e for e in events if (e["color"], e["shape"]) == named]
+            assert len(target) == 1 and synthetic.QUADRANTS[target[0]["quadrant"]] == answer
+            assert len(events) == (3 if distractors else 1)
+        elif cat == "counting":
+            named = re.search(r"did the (\w+) (\w+) appear", row["problem"]).groups()
+            n = sum((e["color"], e["shape"]) == named for e in events)
+            assert str(n) == answer
+            assert (len(events) > n) == distractors
+        else:
+            a, b = re.search(r"video: the (\w+ \w+) or the (\w+ \w+)\?", row["problem"]).groups()
+            assert opts[:2] == [f"the {a}", f"the {b}"]
+            seen = {f"{e['color']} {e['shape']}": e["start"] for e in events}
+            if a in seen and b in seen:
+                truth = (opts[2] if seen[a] == seen[b] else
+                         opts[0] if seen[a] < seen[b] else opts[1])
+            else:
+                assert a not in seen and b not in seen
+                truth = opts[3]
+            assert answer == truth
+            outcomes[row["answer"]] += 1
+    assert letters == {L: 16 for L in "ABCD"}
+    assert outcomes == {L: 4 for L in "ABCD"}  # all four temporal outcomes happen
+
+
+def test_distractor_free_needs_ordered_options():
+    with pytest.raises(ValueError, match="ordered"):
+        synthetic.make_example(0, seed=0, num_frames=48, size=32, split="train",
+                               distractors=False)
+
+
+def test_brief_traces_state_the_evidence_without_frame_numbers():
+    for i in range(16):
+        row, _ = synthetic.make_example(i, seed=5, num_frames=48, size=32, split="train",
+                                        options="ordered", distractors=False, traces="brief",
+                                        sample_frames=16)
+        trace, answer = row["reasoning"], row["options"]["ABCD".index(row["answer"])]
+        assert "frame" not in trace and not re.search(r"\d{2}", trace)
+        if row["category"] in ("needle", "spatial"):
+            assert answer in trace
+        elif row["category"] == "counting":
+            assert f"appears {answer} times" in trace
+    with pytest.raises(ValueError, match="brief"):
+        synthetic.make_example(0, seed=0, num_frames=48, size=32, split="train", traces="brief")

@@ -21,6 +21,8 @@ SEED = flags.DEFINE_integer("seed", 0, "random seed (the suite is deterministic 
 SIZE = flags.DEFINE_integer("size", 64, "frame width and height in pixels")
 FPS = flags.DEFINE_float("fps", 8.0, "frames per second of the written videos")
 OPEN_ENDED = flags.DEFINE_float("open_ended_fraction", 0.0, "share of open-ended questions")
+OPTIONS = flags.DEFINE_enum("options", "shuffled", ["shuffled", "ordered"],
+                            "option order (see longrl_jax/data/synthetic.py)")
 SAMPLE_FRAMES = flags.DEFINE_integer("sample_frames", None,
                                      "frames the model will sample per video (events last long "
                                      "enough to be seen); default: all")
@@ -34,7 +36,8 @@ def main(argv):
     counts = synthetic.generate(OUT.value, num_train=NUM_TRAIN.value, num_eval=NUM_EVAL.value,
                                 num_frames=NUM_FRAMES.value, seed=SEED.value, size=SIZE.value,
                                 fps=FPS.value, open_ended_fraction=OPEN_ENDED.value,
-                                tokenizer=TOKENIZER.value, sample_frames=SAMPLE_FRAMES.value)
+                                tokenizer=TOKENIZER.value, sample_frames=SAMPLE_FRAMES.value,
+                                options=OPTIONS.value)
     print(json.dumps({"out": OUT.value, "counts": counts}))
 
 

@@ -13,8 +13,22 @@ categories:
   needle    one object appears once, briefly, in the middle third: what colour was it?
 
 Events last just long enough that uniform sampling of `sample_frames` frames (default: all)
-always sees them. Every question has four options (A-D) with the correct letter cycling through A-D, so answers
-are exactly balanced and chance is 25%; an open-ended variant asks the same without options.
+always sees them. Every question has four options (A-D) with the correct letter cycling through
+A-D, so answers are exactly balanced and chance is 25%; an open-ended variant asks the same
+without options.
+
+`options="shuffled"` (the default) lists the wrong options in random order, so the answer
+letter can only be found by matching the evidence to the option text. `options="ordered"` lists
+each category's options in one fixed order (the quadrants in reading order, the counts 1-4, four
+needle colours, and for temporal: first-named, second-named, "same time", "neither"), and the
+video is drawn so the answer is the one at the cycling letter; all four temporal outcomes
+happen. The letter then follows from the video alone. `distractors=False` (ordered only) also
+drops the other objects from counting and spatial questions, so those need one look at the
+video rather than two (find the named object, then read it): what a 2-layer model trained from
+scratch learns within the demo's CPU budget. `traces="brief"` (ordered only) writes reasoning
+that states the evidence without frame numbers ("The green circle is in the top left."): the
+frame numbers are most of a trace's tokens and hard to predict from 16 sampled frames, so in RL
+their sampling noise drowns the few tokens the reward depends on.
 Reasoning traces cite the frames where the evidence is. Rows follow the LongVideo-Reason format
 (`problem`, `answer`, `videos`, `reasoning`, `problem_type`, `data_type`, `problem_id`) plus
 `category` and `meta` (the events, for tests). Deterministic for a seed.
@@ -37,6 +51,10 @@ COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230),
 SHAPES = ("square", "circle", "triangle")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 CATEGORIES = ("temporal", "counting", "spatial", "needle")
+OPTION_ORDERS = ("shuffled", "ordered")
+TRACES = ("frames", "brief")
+NEEDLE_COLORS = ("red", "green", "blue", "yellow")   # the needle's options when ordered
+SAME_TIME, NEITHER = "they appeared at the same time", "neither of them appeared"
 LETTERS = "ABCD"
 BACKGROUND = 110
 
@@ -80,8 +98,11 @@ def _name(ev: Event) -> str:
 class _Builder:
     """Draws the events and the question for one example."""
 
-    def __init__(self, rng: np.random.Generator, num_frames: int, sample_frames: int):
+    def __init__(self, rng: np.random.Generator, num_frames: int, sample_frames: int,
+                 distractors: bool = True, brief: bool = False):
         self.rng = rng
+        self.distractors = distractors
+        self.brief = brief
         self.f = num_frames
         self.lo, self.hi = int(np.ceil(0.1 * num_frames)), int(np.floor(0.9 * num_frames))
         # Long enough that uniform sampling of `sample_frames` frames always lands on it.
@@ -115,8 +136,7 @@ class _Builder:
                   self._slots(1, mid + 1, self.hi, self.span)[0], self.span)
         names = sorted([_name(a), _name(b)], key=lambda _: self.rng.random())
         q = f"Which appeared first in the video: {names[0]} or {names[1]}?"
-        wrong = [_name(b), "they appeared at the same time",
-                 "neither of them appeared"]
+        wrong = [_name(b), SAME_TIME, NEITHER]
         trace = (f"{_name(a).capitalize()} appears at frame {a.start} in the {QUADRANTS[a.quadrant]}."
                  f" {_name(b).capitalize()} appears at frame {b.start} in the "
                  f"{QUADRANTS[b.quadrant]}. Frame {a.start} comes before frame {b.start}, so "
@@ -169,14 +189,111 @@ class _Builder:
                  f"{QUADRANTS[ev.quadrant]}. No other object appears, so it was {c}.")
         return [ev], q, c, wrong, trace
 
+    # ---- ordered options: the video is drawn so the answer is option `want` -----------------
+
+    def temporal_ordered(self, want: int):
+        (ca, sa), (cb, sb), (cc, sc), (cd, sd) = self._distinct(4)
+        name_a, name_b = f"the {ca} {sa}", f"the {cb} {sb}"
+        mid = (self.lo + self.hi) // 2
+        early = self._slots(1, self.lo, mid, self.span)[0]
+        late = self._slots(1, mid + 1, self.hi, self.span)[0]
+        qa, qb = (int(x) for x in self.rng.permutation(4)[:2])
+        if want == 0:
+            events = [Event(ca, sa, qa, early, self.span), Event(cb, sb, qb, late, self.span)]
+        elif want == 1:
+            events = [Event(cb, sb, qb, early, self.span), Event(ca, sa, qa, late, self.span)]
+        elif want == 2:
+            t = self._slots(1, self.lo, self.hi, self.span)[0]
+            events = [Event(ca, sa, qa, t, self.span), Event(cb, sb, qb, t, self.span)]
+        else:
+            events = [Event(cc, sc, qa, early, self.span), Event(cd, sd, qb, late, self.span)]
+        q = f"Which appeared first in the video: {name_a} or {name_b}?"
+        seen = " ".join(f"{_name(e).capitalize()} appears at frame {e.start} in the "
+                        f"{QUADRANTS[e.quadrant]}." for e in events)
+        first = (f"Frame {events[0].start} comes before frame {events[1].start}, so "
+                 f"{_name(events[0])} appeared first.")
+        verdict = [first, first, "Both appear at the same frame, so they appeared at the same time.",
+                   f"Neither {name_a} nor {name_b} appears."][want]
+        options = [name_a, name_b, SAME_TIME, NEITHER]
+        if self.brief:
+            seen = " and ".join(_name(e) for e in events)
+            verdict = ([f"{_name(events[0]).capitalize()} appears before {_name(events[1])}."] * 2
+                       + [f"{seen.capitalize()} appear together.",
+                          f"Only {seen} appear."])[want]
+            return events, q, options, verdict
+        return events, q, options, f"{seen} {verdict}"
+
+    def counting_ordered(self, want: int):
+        (ct, st), *others = self._distinct(3)
+        n = want + 1
+        distract = int(self.rng.integers(1, 3)) if self.distractors else 0
+        starts = self._slots(n + distract, self.lo, self.hi, self.span)
+        order = self.rng.permutation(n + distract)
+        events, target = [], []
+        for k, i in enumerate(order):
+            c, s = (ct, st) if k < n else others[k % len(others)]
+            events.append(Event(c, s, int(self.rng.integers(4)), starts[i], self.span))
+            if k < n:
+                target.append(events[-1])
+        target.sort(key=lambda e: e.start)
+        q = f"How many times did the {ct} {st} appear in the video?"
+        cites = ", ".join(f"frame {e.start}" for e in target)
+        trace = f"The {ct} {st} appears at {cites}. Counting these appearances gives {n}."
+        if self.brief:
+            trace = f"The {ct} {st} appears {n} times."
+        return events, q, ["1", "2", "3", "4"], trace
+
+    def spatial_ordered(self, want: int):
+        n = 3 if self.distractors else 1
+        pairs = self._distinct(n)
+        others = [int(x) for x in
+                  self.rng.permutation([i for i in range(4) if i != want])[:n - 1]]
+        k = int(self.rng.integers(n))
+        quads = others[:k] + [want] + others[k:]
+        starts = self._slots(n, self.lo, self.hi, self.span)
+        events = [Event(c, s, qd, st, self.span) for (c, s), qd, st in zip(pairs, quads, starts)]
+        target = events[k]
+        q = f"Where in the frame did the {target.color} {target.shape} appear?"
+        trace = (f"The {target.color} {target.shape} appears at frame {target.start} in the "
+                 f"{QUADRANTS[target.quadrant]} of the frame.")
+        if self.brief:
+            trace = f"The {target.color} {target.shape} is in the {QUADRANTS[target.quadrant]}."
+        return events, q, list(QUADRANTS), trace
+
+    def needle_ordered(self, want: int):
+        c, s = NEEDLE_COLORS[want], str(self.rng.choice(SHAPES))
+        third = (self.hi - self.lo) // 3
+        start = self._slots(1, self.lo + third, self.hi - third, self.span)[0]
+        ev = Event(c, s, int(self.rng.integers(4)), start, self.span)
+        q = f"A {s} appeared briefly somewhere in the video. What colour was it?"
+        trace = (f"At frame {start} a {c} {s} appears in the "
+                 f"{QUADRANTS[ev.quadrant]}. No other object appears, so it was {c}.")
+        if self.brief:
+            trace = f"A {c} {s} appears."
+        return [ev], q, list(NEEDLE_COLORS), trace
+
 
 def make_example(index: int, *, seed: int, num_frames: int, size: int, split: str,
-                 open_ended: bool = False, sample_frames: int | None = None
-                 ) -> tuple[dict, np.ndarray]:
+                 open_ended: bool = False, sample_frames: int | None = None,
+                 options: str = "shuffled", distractors: bool = True,
+                 traces: str = "frames") -> tuple[dict, np.ndarray]:
+    if options not in OPTION_ORDERS:
+        raise ValueError(f"options must be one of {OPTION_ORDERS}, got {options!r}")
+    if not distractors and options != "ordered":
+        raise ValueError("distractors=False needs options='ordered'")
+    if traces not in TRACES or (traces == "brief" and options != "ordered"):
+        raise ValueError(f"traces must be one of {TRACES} ('brief' needs options='ordered'), "
+                         f"got {traces!r}")
     rng = np.random.default_rng([seed, index, 0 if split == "train" else 1])
     category = CATEGORIES[index % len(CATEGORIES)]
-    builder = _Builder(rng, num_frames, sample_frames or num_frames)
-    events, question, answer, wrong, trace = getattr(builder, category)()
+    builder = _Builder(rng, num_frames, sample_frames or num_frames, distractors,
+                       traces == "brief")
+    correct = (index // len(CATEGORIES)) % 4  # cycles A-D within each category
+    if options == "ordered":
+        events, question, listed_options, trace = getattr(builder, f"{category}_ordered")(correct)
+        answer = listed_options[correct]
+    else:
+        events, question, answer, wrong, trace = getattr(builder, category)()
     video = f"{split}_{index:06d}.mp4"
     row = {"problem_id": f"{split}-{index}", "category": category, "data_type": "video",
            "videos": [video], "reasoning": trace,
@@ -185,12 +302,14 @@ def make_example(index: int, *, seed: int, num_frames: int, size: int, split: st
     if open_ended:
         row.update(problem=question, answer=answer, problem_type="open_ended")
     else:
-        correct = (index // len(CATEGORIES)) % 4  # cycles A-D within each category
-        options = list(rng.permutation(wrong)[:3])
-        options.insert(correct, answer)
-        listed = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
+        if options == "ordered":
+            choices = listed_options
+        else:
+            choices = list(rng.permutation(wrong)[:3])
+            choices.insert(correct, answer)
+        listed = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(choices))
         row.update(problem=f"{question}\nOptions:\n{listed}", answer=LETTERS[correct],
-                   options=options, problem_type="multiple_choice")
+                   options=choices, problem_type="multiple_choice")
     return row, render(events, num_frames, size)
 
 
@@ -208,7 +327,9 @@ def vocabulary(rows) -> list[str]:
 
 def generate(out_dir: str, *, num_train: int, num_eval: int, num_frames: int, seed: int = 0,
              size: int = 64, fps: float = 8.0, open_ended_fraction: float = 0.0,
-             tokenizer: bool = False, sample_frames: int | None = None) -> dict:
+             tokenizer: bool = False, sample_frames: int | None = None,
+             options: str = "shuffled", distractors: bool = True,
+             traces: str = "frames") -> dict:
     """Writes `out_dir/{train,eval}.jsonl` and `out_dir/videos/*.mp4`; returns counts."""
     os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
     counts, all_rows = {}, []
@@ -218,7 +339,8 @@ def generate(out_dir: str, *, num_train: int, num_eval: int, num_frames: int, se
             open_ended = (i % 10) < round(open_ended_fraction * 10)
             row, frames = make_example(i, seed=seed, num_frames=num_frames, size=size,
                                        split=split, open_ended=open_ended,
-                                       sample_frames=sample_frames)
+                                       sample_frames=sample_frames, options=options,
+                                       distractors=distractors, traces=traces)
             write_video(os.path.join(out_dir, "videos", row["videos"][0]), frames, fps=fps)
             rows.append(row)
         all_rows += rows

@@ -87,6 +87,10 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], me
             axes = axes[:-1]
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    # Trailing Nones trimmed: jit outputs come back that way, and P('x', None) != P('x') as a
+    # jit cache key, so untrimmed inputs compile every step function twice.
+    while spec and spec[-1] is None:
+        spec.pop()
     return PartitionSpec(*spec)
 
 

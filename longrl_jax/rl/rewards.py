@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import http.client
 import json
 import logging
@@ -77,6 +78,13 @@ def extract_given_answer(response: str, *, cut_at_period: bool = False) -> str:
     return given
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _grade(given: str, truth: str) -> bool:
+    """mathruler's grade_answer, memoised: a wrong letter goes through sympy (~20 ms), and a
+    multiple-choice batch asks the same few pairs again and again."""
+    return grade_answer(given, truth)
+
+
 def accuracy_reward(response: str, ground_truth: str, *, cut_at_period: bool = False) -> float:
     """1.0 if mathruler's `grade_answer` equates the given answer and the ground truth.
 
@@ -85,7 +93,7 @@ def accuracy_reward(response: str, ground_truth: str, *, cut_at_period: bool = F
     """
     try:
         given = extract_given_answer(response, cut_at_period=cut_at_period)
-        return 1.0 if grade_answer(given, unwrap_answer(ground_truth)) else 0.0
+        return 1.0 if _grade(given, unwrap_answer(ground_truth)) else 0.0
     except Exception as e:  # noqa: BLE001 -- sympy can raise anything on odd input
         log.debug("grade_answer raised %r on %r", e, response[-200:])
         return 0.0

@@ -212,7 +212,9 @@ def train(ctx: RunContext, serving) -> None:
         if c.eval_every and (step % c.eval_every == 0 or step == c.steps):
             with ctx.timers("eval"):
                 res = eval_lib.evaluate(serving, eval_prompts, ctx.tokenizer, ctx.tokens,
-                                        max_tokens=ctx.config.eval.max_tokens)
+                                        max_tokens=ctx.config.eval.max_tokens,
+                                        temperature=ctx.config.eval.get("temperature", 0.0),
+                                        seed=ctx.config.seed)
             scalars.update({"eval/accuracy": res["accuracy"], "eval/format": res["format"]})
         ctx.writer.write(step, scalars, stage="rl")
         metrics_lib.postfix(bar, scalars, keys=["reward/mean", "reward/accuracy", "eval/accuracy"])
