@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import re
 import tempfile
 import time
 import uuid
@@ -74,6 +75,7 @@ class RolloutClient:
         self._stub = pb_grpc.RolloutStub(self._channel)
         self._sent: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self._sent_bytes = 0
+        self._swept = False
         self._remember = remember_embedding_bytes
         self.weight_version = 0
 
@@ -226,7 +228,10 @@ class RolloutClient:
             total += a.nbytes
         header = dict(version=version, tensors=table, total_bytes=total)
         if transport == "shm":
-            path = os.path.join("/dev/shm", f"longrl-weights-{os.getpid()}-{uuid.uuid4().hex}")
+            if not self._swept:
+                sweep_stale_weight_files()
+                self._swept = True
+            path = os.path.join("/dev/shm", f"{WEIGHT_FILE_PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
             try:
                 with open(path, "wb") as f:
                     for a in arrays:
@@ -242,6 +247,39 @@ class RolloutClient:
             raise ValueError(f"transport {transport!r}: use 'auto', 'shm' or 'stream'")
         self.weight_version = reply.weight_version
         return reply
+
+
+WEIGHT_FILE_PREFIX = "longrl-weights-"
+_WEIGHT_FILE = re.compile(re.escape(WEIGHT_FILE_PREFIX) + r"(\d+)-[0-9a-f]{32}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_weight_files(shm_dir: str = "/dev/shm") -> list[str]:
+    """Removes weight files whose writer is gone: a trainer SIGKILLed during `update_weights`
+    never runs its `finally`, and /dev/shm is memory. Returns the names removed."""
+    removed = []
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return removed
+    for name in names:
+        m = _WEIGHT_FILE.fullmatch(name)
+        if m and not _alive(int(m.group(1))):
+            try:
+                os.remove(os.path.join(shm_dir, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
 
 
 def _weight_chunks(header: dict, arrays: Iterable[np.ndarray]):
