@@ -29,9 +29,10 @@ scratch learns within the demo's CPU budget. `traces="brief"` (ordered only) wri
 that states the evidence without frame numbers ("The green circle is in the top left."): the
 frame numbers are most of a trace's tokens and hard to predict from 16 sampled frames, so in RL
 their sampling noise drowns the few tokens the reward depends on.
-Reasoning traces cite the frames where the evidence is. Rows follow the LongVideo-Reason format
-(`problem`, `answer`, `videos`, `reasoning`, `problem_type`, `data_type`, `problem_id`) plus
-`category` and `meta` (the events, for tests). Deterministic for a seed.
+
+Reasoning traces (other than brief ones) cite the frames where the evidence is. Rows follow the
+LongVideo-Reason format (`problem`, `answer`, `videos`, `reasoning`, `problem_type`, `data_type`,
+`problem_id`) plus `category` and `meta` (the events, for tests). Deterministic for a seed.
 """
 
 from __future__ import annotations
