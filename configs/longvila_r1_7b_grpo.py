@@ -49,7 +49,8 @@ def get_config(arg: str | None = None):
         minibatch_size=32 if runlocal else 128, eval_every=0 if runlocal else 50,
         checkpoint_every=1 if runlocal else 10)
     c.eval = common.eval_config(num_examples=8 if runlocal else 0,
-                                max_tokens=64 if runlocal else 2048)
+                                max_tokens=64 if runlocal else 2048,
+                                temperature=0.0 if runlocal else 0.5)   # Long-RL validates at 0.5
     c.rollout = common.rollout_config(max_model_len=512 if runlocal else 70000,
                                       dtype="float32" if runlocal else "bfloat16",
                                       kvcache_gib=1 if runlocal else 40)
