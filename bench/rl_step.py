@@ -31,10 +31,8 @@ Rollout generation is OUT OF SCOPE (it runs in the vLLM server): every response 
 token sequence of `--response_len` (64) tokens, and the advantages are random. Timed: encode +
 host batch + old and reference log-probs + one update, after one untimed compile-and-warm-up
 step per (mode, frames); the median of `--repeats`, the modes interleaved (one step of each in
-turn) so that load from other jobs hits them alike. (The model and optimizer state are first
-moved onto the shardings the jitted update returns, see `canonicalize`; without that the
-second step compiles the update again, as it does in the trainer.) The vision tower is frozen
-(RL trains the LLM only, as the trainer does).
+turn) so that load from other jobs hits them alike. The vision tower is frozen (RL trains the
+LLM only, as the trainer does).
 
 Rows: {"mode", "frames", "tokens", "seconds" (median), "min_s", "devices", "preset", "sp",
 "encode_s", "logprob_s", "update_s", "compile_s", ...}. On CPU the devices are fake (they share
@@ -113,26 +111,10 @@ def build(config, image_size: int | None):
     """`build_model` for the config's preset; with `image_size`, the same steps (parameters
     created in their shards, SP attention on a 'sequence' mesh axis) for the preset with its
     vision tower at another frame size: more patches and more tokens per frame."""
-    adjust = (lambda cfg:
-              cfg.with_vision(dataclasses.replace(cfg.vision, image_size=image_size))) if image_size else None
+    adjust = (lambda cfg: cfg.with_vision(dataclasses.replace(cfg.vision, image_size=image_size))
+              ) if image_size else None
     return build_model(config, video_token_id=VIDEO_ID, separator_token_id=SEP_ID,
                        adjust=adjust)
-
-
-def canonicalize(obj, mesh) -> None:
-    """Moves every array of `obj` onto the sharding a jitted update returns for it: specs
-    without trailing Nones, and scalars (the optimizer's step counts, created on one device)
-    replicated over the mesh. The model and optimizer come out of `build_model`/`optimizer`
-    with `P('fsdp', None)`-style specs and single-device counts; the first update returns
-    `P('fsdp')` and mesh-replicated counts, which jit treats as new input shardings, so the
-    trainer's second step compiles the update a second time. Doing this up front leaves the
-    steady state unchanged and saves that compile here."""
-    def canon(x):
-        spec = tuple(x.sharding.spec) if isinstance(x.sharding, NamedSharding) else ()
-        while spec and spec[-1] is None:
-            spec = spec[:-1]
-        return jax.device_put(x, NamedSharding(mesh, P(*spec)))
-    nnx.update(obj, jax.tree.map(canon, nnx.state(obj)))
 
 
 class ReencodingVLM(nnx.Module):
@@ -195,8 +177,6 @@ class Stepper:
         self.model = ReencodingVLM(vlm) if mode.startswith("none") else vlm
         self.ref = nnx.clone(self.model)   # the frozen KL anchor, as the trainer keeps it
         self.opt = optimizer(self.model, self.config.rl.optimizer, "llm")
-        for obj in (self.model, self.ref, self.opt):
-            canonicalize(obj, self.mesh)
         self.logprob_fn = make_logprob_fn(self.mesh)
         self.update_fn = make_update_fn(self.mesh, self.config.rl)
         self.rules = config_rules(self.config)

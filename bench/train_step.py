@@ -10,10 +10,11 @@ response rows) and `rl.trainer.make_update_fn(mesh, rl_config)` (GRPO loss with 
 reference log-probs), on B sequences of T tokens each: a short text prompt, for a VLM preset the
 video rows spliced in (the cached-embedding path, `trainable = "llm"`: the vision tower does not
 run), and R response tokens. Median of `--repeats` after one compile-and-warm-up call.
-At sp=1 the trainer runs dense attention (T x T logits); `--attention trainer flash` adds rows
-with the blockwise kernel (`use_flash_attention`) for comparison. `NAME:LAYERS` cuts a preset to
-fewer layers: the whole 0.5B model in float32 needs ~17 GB here (parameters, gradients, Adam
-moments, and the new copies of parameters and moments the undonated jitted step allocates).
+At sp=1 the trainer runs dense attention (T x T logits) unless `model.attention="flash"`;
+`--attention trainer flash` adds rows with that blockwise kernel for comparison. `NAME:LAYERS`
+cuts a preset to fewer layers: the whole 0.5B model in float32 needs ~17 GB here (parameters,
+gradients, Adam moments, and the new copies of parameters and moments the undonated jitted step
+allocates).
 
 FLOPs (model FLOPs, the usual MFU convention: what the model needs, not what the code executes;
 rematerialisation and masked work are not counted). With L layers, width D, H query heads and
@@ -65,7 +66,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from configs import common  # noqa: E402
 from configs import demo  # noqa: E402
@@ -135,17 +135,6 @@ def make_config(args, preset: str):
     return c
 
 
-def canonicalize(obj, mesh) -> None:
-    """Arrays onto the shardings a jitted step returns (see bench/rl_step.py), so that the
-    second call does not compile again."""
-    def canon(x):
-        spec = tuple(x.sharding.spec) if isinstance(x.sharding, NamedSharding) else ()
-        while spec and spec[-1] is None:
-            spec = spec[:-1]
-        return jax.device_put(x, NamedSharding(mesh, P(*spec)))
-    nnx.update(obj, jax.tree.map(canon, nnx.state(obj)))
-
-
 def make_batch(cfg, t: int, b: int, r: int, seed: int = 0):
     """B sequences of exactly T tokens: prompt (+ video rows for a VLM) + R response tokens."""
     rng = np.random.default_rng(seed)
@@ -199,13 +188,10 @@ def build(config, layers: int | None):
 def bench_preset(args, spec: str, attention: str, peak: float) -> list[dict]:
     preset, _, layers = spec.partition(":")
     config = make_config(args, preset)
+    config.model.attention = "flash" if attention == "flash" else "dense"
     model, mesh = build(config, int(layers) if layers else None)
-    if attention == "flash" and mesh.shape["sequence"] == 1:
-        model.llm.use_flash_attention()
     cfg = model.cfg
     opt = optimizer(model, config.sft.optimizer, "llm")
-    for obj in (model, opt):
-        canonicalize(obj, mesh)
     sft_step = make_step(mesh)
     update = make_update_fn(mesh, config.rl)
     attention = (f"{args.strategy} (sp={args.sp})" if mesh.shape["sequence"] > 1 else

@@ -209,19 +209,20 @@ class _Builder:
         else:
             events = [Event(cc, sc, qa, early, self.span), Event(cd, sd, qb, late, self.span)]
         q = f"Which appeared first in the video: {name_a} or {name_b}?"
+        options = [name_a, name_b, SAME_TIME, NEITHER]
+        if self.brief:
+            both = " and ".join(_name(e) for e in events)
+            before = f"{_name(events[0]).capitalize()} appears before {_name(events[1])}."
+            trace = [before, before, f"{both.capitalize()} appear together.",
+                     f"Only {both} appear."][want]
+            return events, q, options, trace
         seen = " ".join(f"{_name(e).capitalize()} appears at frame {e.start} in the "
                         f"{QUADRANTS[e.quadrant]}." for e in events)
         first = (f"Frame {events[0].start} comes before frame {events[1].start}, so "
                  f"{_name(events[0])} appeared first.")
-        verdict = [first, first, "Both appear at the same frame, so they appeared at the same time.",
+        verdict = [first, first,
+                   "Both appear at the same frame, so they appeared at the same time.",
                    f"Neither {name_a} nor {name_b} appears."][want]
-        options = [name_a, name_b, SAME_TIME, NEITHER]
-        if self.brief:
-            seen = " and ".join(_name(e) for e in events)
-            verdict = ([f"{_name(events[0]).capitalize()} appears before {_name(events[1])}."] * 2
-                       + [f"{seen.capitalize()} appear together.",
-                          f"Only {seen} appear."])[want]
-            return events, q, options, verdict
         return events, q, options, f"{seen} {verdict}"
 
     def counting_ordered(self, want: int):
