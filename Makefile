@@ -8,7 +8,7 @@ EXTRAS ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo engine-cud
 export XLA_PYTHON_CLIENT_PREALLOCATE ?= false
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: install test test-all demo clean
+.PHONY: install lint test test-all demo clean
 
 install: $(STAMP)
 
@@ -21,6 +21,9 @@ $(STAMP): setup.cfg pyproject.toml
 	# vllm's resolver brings CUDA builds of these; the text path needs none and they break transformers' import.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 test: $(STAMP)
 	$(PY) -m pytest -q

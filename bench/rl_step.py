@@ -23,7 +23,7 @@ the rollouts are back, in three modes:
 
 The passes are the trainer's own jitted functions (`make_logprob_fn`, `make_update_fn`, one
 update over all B = prompts x G rows, i.e. minibatch = the whole batch, one PPO epoch), fed by
-`sequences.build_batch` / `place_batch`. For `none` the model is wrapped so that its `splice`
+`batch_lib.build_batch` / `place_batch`. For `none` the model is wrapped so that its `splice`
 encodes frames passed in place of the video table; nothing else differs. All modes' models are
 alive at once (memory = modes x (model + reference + Adam)).
 
@@ -64,17 +64,23 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
-from configs import common  # noqa: E402
-from configs import demo  # noqa: E402
-from longrl_jax import sequences  # noqa: E402
-from longrl_jax.build import build_model, rules as config_rules  # noqa: E402
+from configs import (
+    common,  # noqa: E402
+    demo,  # noqa: E402
+)
+from longrl_jax import batch as batch_lib  # noqa: E402
+from longrl_jax import prompts as prompts_lib
+from longrl_jax.build import build_model  # noqa: E402
+from longrl_jax.build import rules as config_rules
 from longrl_jax.config_check import validate  # noqa: E402
 from longrl_jax.models.splice import splice_layout  # noqa: E402
-from longrl_jax.parallel import video as video_lib  # noqa: E402
+from longrl_jax.optim import optimizer  # noqa: E402
+from longrl_jax.parallel import mesh as mesh_lib  # noqa: E402
+from longrl_jax.parallel import video_encoding as video_lib
 from longrl_jax.rl.trainer import make_logprob_fn, make_update_fn  # noqa: E402
-from longrl_jax.run import optimizer  # noqa: E402
 
 MODES = ("none", "stage1", "stage1+2")
 ALL_MODES = ("none", "none-G", "stage1", "stage1+2")
@@ -156,7 +162,7 @@ def make_inputs(cfg, n_prompts: int, frames: int, response_len: int, seed: int =
 
 
 def prompts_with(layouts, video_rows):
-    return [sequences.Prompt(None, ids, layout, f"video{i}", rows)
+    return [prompts_lib.Prompt(None, ids, layout, f"video{i}", rows)
             for i, ((ids, layout), rows) in enumerate(zip(layouts, video_rows))]
 
 
@@ -203,11 +209,11 @@ class Stepper:
             episodes = [dataclasses.replace(p, video_key=f"{p.video_key}/{k % self.g}")
                         for k, p in enumerate(episodes)]
         resp = [r for r in responses for _ in range(self.g)]
-        batch = sequences.build_batch(episodes, resp, response_len=self.r)
-        placed = sequences.place_batch(batch, self.mesh)
+        batch = batch_lib.build_batch(episodes, resp, response_len=self.r)
+        placed = batch_lib.place_batch(batch, self.mesh)
         if self.mode.startswith("none"):  # each device holds (and encodes) its prompts' frames
             frames = videos if self.mode == "none" else [f for f in videos for _ in range(self.g)]
-            bax = sequences.batch_axes(self.mesh, len(frames))
+            bax = mesh_lib.batch_axes(self.mesh, len(frames))
             placed["video_table"] = jax.device_put(np.concatenate(frames),
                                                    NamedSharding(self.mesh, P(bax)))
         jax.block_until_ready(placed)

@@ -269,8 +269,8 @@ def inprocess(spec: dict, env: dict, log: str) -> dict:
 # ---- the server ----------------------------------------------------------------------------------
 
 def run_server(spec: dict, env: dict, log: str) -> dict:
+    from longrl_jax.rl.connection import RolloutServerProcess
     from longrl_jax.rl.rollout_client import EmbeddingRef
-    from longrl_jax.rl.rollout_launcher import RolloutServerProcess
 
     out = {"tokens": [], "embeds": [], "samples": {}, "put_s": []}
     args = ["--max-model-len", str(MAX_MODEL_LEN), "--dtype", spec["dtype"]]

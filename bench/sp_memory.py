@@ -36,12 +36,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
-from longrl_jax.models import ModelConfig  # noqa: E402
+from longrl_jax.models import ModelConfig, flash  # noqa: E402
 from longrl_jax.models.qwen2 import Qwen2ForCausalLM  # noqa: E402
+from longrl_jax.parallel import logprobs  # noqa: E402
 from longrl_jax.parallel import mesh as mesh_lib  # noqa: E402
-from longrl_jax.parallel import prefill  # noqa: E402
 from longrl_jax.parallel import sequence as S  # noqa: E402
 
 TOKENS_PER_FRAME = 257  # 256 projector tokens + the "\n" separator
@@ -61,10 +62,10 @@ def compile_step(sp: int, frames: int, layers: int, strategy: str) -> dict:
         llm_cfg, rngs=nnx.Rngs(0), dtype=DTYPE, param_dtype=DTYPE, remat=True,
         scan_layers=True))
     if sp > 1:
-        abstract.enable_sequence_parallel(mesh, strategy, layout="zigzag" if strategy == "ring"
-                                          else "contiguous", block_q=1024, block_k=1024)
+        S.use_sequence_parallel(abstract, mesh, strategy, block_q=1024, block_k=1024,
+                                layout="zigzag" if strategy == "ring" else "contiguous")
     else:  # the best single-device attention: the same blockwise kernel, no T^2 logits
-        abstract.use_flash_attention(block_q=1024, block_k=1024)
+        abstract.set_attention(flash.attention_fn(block_q=1024, block_k=1024))
     graphdef, state = nnx.split(abstract)
     shardings = mesh_lib.state_shardings(state, mesh)
     state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state,
@@ -93,7 +94,7 @@ def compile_step(sp: int, frames: int, layers: int, strategy: str) -> dict:
             embeds = jnp.where(is_video[..., None], video, llm.embed(ids))
             seq = S.ShardedSequence((embeds,), positions=positions, valid=valid, index=index,
                                     length=t, layout=layout)
-            logp, _ = prefill.response_logprobs(llm, seq, resp_pos, targets, mesh=mesh)
+            logp, _ = logprobs.response_logprobs(llm, seq, resp_pos, targets, mesh=mesh)
             return -jnp.mean(logp * adv)
         return jax.value_and_grad(loss_fn)(state)
 

@@ -57,6 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -65,15 +66,17 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from configs import common  # noqa: E402
-from configs import demo  # noqa: E402
-from longrl_jax import sequences  # noqa: E402
+from configs import (
+    common,  # noqa: E402
+    demo,  # noqa: E402
+)
+from longrl_jax import batch as batch_lib  # noqa: E402
+from longrl_jax import prompts as prompts_lib
 from longrl_jax.build import build_model  # noqa: E402
 from longrl_jax.models.splice import SpliceLayout, splice_layout  # noqa: E402
+from longrl_jax.optim import optimizer  # noqa: E402
 from longrl_jax.rl.trainer import make_update_fn  # noqa: E402
-from longrl_jax.run import optimizer  # noqa: E402
 from longrl_jax.sft.trainer import make_step  # noqa: E402
 
 VIDEO_ID, SEP_ID = 5, 6
@@ -156,9 +159,9 @@ def make_batch(cfg, t: int, b: int, r: int, seed: int = 0):
             ids = rng.integers(16, vocab, t - r).astype(np.int32)
             layout = SpliceLayout(ids, np.full(len(ids), -1, np.int32))
             video = np.zeros((0, d), np.float32)
-        prompts.append(sequences.Prompt(None, ids, layout, f"video{i}", video))
+        prompts.append(prompts_lib.Prompt(None, ids, layout, f"video{i}", video))
     responses = [rng.integers(16, vocab, r).astype(np.int32) for _ in range(b)]
-    batch = sequences.build_batch(prompts, responses, response_len=r)
+    batch = batch_lib.build_batch(prompts, responses, response_len=r)
     assert batch.token_ids.shape == (b, t), batch.token_ids.shape
     return batch, frames
 
@@ -199,7 +202,7 @@ def bench_preset(args, spec: str, attention: str, peak: float) -> list[dict]:
     rows = []
     for t in args.seq_len:
         batch, frames = make_batch(cfg, t, args.batch, args.response_len)
-        placed = sequences.place_batch(batch, mesh)
+        placed = batch_lib.place_batch(batch, mesh)
         shape = batch.targets.shape
         rng = np.random.default_rng(1)
         adv = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
@@ -207,8 +210,8 @@ def bench_preset(args, spec: str, attention: str, peak: float) -> list[dict]:
         ref = jnp.asarray(-rng.random(shape).astype(np.float32))
         fl = forward_flops(cfg.llm, t, args.response_len)
         step_flops = 3 * fl["total"] * args.batch
-        steps = {"sft": lambda: sft_step(model, opt, placed),
-                 "rl_update": lambda: update(model, opt, placed, adv, old, ref)}
+        steps = {"sft": functools.partial(sft_step, model, opt, placed),
+                 "rl_update": functools.partial(update, model, opt, placed, adv, old, ref)}
         for name in args.steps:
             sec, compile_s, times = timed(steps[name], args.repeats)
             row = {"step": name, "preset": spec, "layers": cfg.llm.num_layers,

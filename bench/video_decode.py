@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from longrl_jax.data import video as V  # noqa: E402
+from longrl_jax.data import frames as V  # noqa: E402
 
 
 def make_video(path: str, seconds: int, fps: int, size: int) -> None:
@@ -81,8 +81,8 @@ def main():
         sampling = V.Sampling(num_frames=n, size=args.target)
         idx = V.sample_indices(total, fps, sampling)
         vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-        raw = best_of(lambda: vr.get_batch(idx.tolist()).asnumpy(), args.repeats)
-        loader = best_of(lambda: V.load_frames(path, sampling), args.repeats)
+        raw = best_of(lambda vr=vr, idx=idx: vr.get_batch(idx.tolist()).asnumpy(), args.repeats)
+        loader = best_of(lambda sampling=sampling: V.load_frames(path, sampling), args.repeats)
         rows.append({"frames": n, "raw_fps": n / raw, "loader_fps": n / loader,
                      "loader_over_raw": raw / loader})
         print(f"{n:>6} {n / raw:>9.1f} {n / loader:>11.1f} {raw / loader:>10.2f}")

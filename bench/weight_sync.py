@@ -142,7 +142,7 @@ def main():
     layers = args.layers or (4 if args.quick else 24)
     reps = args.reps or (3 if args.quick else 5)
 
-    from longrl_jax.rl.rollout_launcher import RolloutServerProcess
+    from longrl_jax.rl.connection import RolloutServerProcess
 
     tmp = tempfile.TemporaryDirectory(prefix="weight_sync_", dir=args.workdir)
     path = os.path.join(tmp.name, "qwen2")

@@ -1,8 +1,21 @@
-"""Pieces every experiment config shares: the mesh and the logical-axis rules."""
+"""Every config field and its default, in one place: experiment configs call these builders
+and change only what differs; nothing downstream restates a default."""
 
 import ml_collections
 
 from longrl_jax.parallel.mesh import DEFAULT_RULES
+
+
+def model_config(preset: str = "tiny", **kw):
+    """The model: a `ModelConfig` preset built from scratch, or `checkpoint` (an HF directory).
+    `init_std` rescales a fresh model's random weights (never a checkpoint's); `attention`
+    "flash" is blockwise, for long sequences without SP; token ids -1 come from the tokenizer."""
+    c = ml_collections.ConfigDict(dict(
+        preset=preset, vocab_size=640, checkpoint="", param_dtype="float32", dtype="float32",
+        init_std=0.02, attention="dense", video_token_id=-1, separator_token_id=-1,
+        scan_layers=False, remat=False))
+    c.update(kw)
+    return c
 
 
 def mesh_config(data: int = 1, fsdp: int = -1, sequence: int = 1, tensor: int = 1):
@@ -15,13 +28,11 @@ def sharding_rules():
     return tuple((name, axes) for name, axes in DEFAULT_RULES)
 
 
-def sp_config(strategy: str = "ring", layout: str = "zigzag", frames_per_chunk: int = 8,
-              gather_chunk_rows: int = 4096):
-    """MR-SP: the stage-2 attention strategy and sequence layout (used when mesh.sequence > 1),
-    stage 1's frames per encoding chunk, and the chunk of rows for host transfers."""
+def sp_config(strategy: str = "ring", layout: str = "zigzag", frames_per_chunk: int = 8):
+    """MR-SP: the stage-2 attention strategy and sequence layout (used when mesh.sequence > 1)
+    and stage 1's frames per encoding chunk."""
     return ml_collections.ConfigDict(dict(strategy=strategy, layout=layout,
-                                          frames_per_chunk=frames_per_chunk,
-                                          gather_chunk_rows=gather_chunk_rows))
+                                          frames_per_chunk=frames_per_chunk))
 
 
 def data_config(num_frames: int | None = 16, fps: float | None = None,
@@ -76,7 +87,7 @@ def sft_config(steps: int, batch_size: int, lr: float, *, num_examples: int = 0,
 
 
 def rl_config(steps: int, prompts_per_step: int, group_size: int, lr: float, **kw):
-    """GRPO and relatives; defaults are Long-RL's examples/config.yaml (REFERENCE.md)."""
+    """GRPO and relatives; defaults are Long-RL's examples/config.yaml (docs/REFERENCE.md)."""
     c = ml_collections.ConfigDict(dict(
         algorithm="grpo",            # grpo | dr_grpo | rloo | reinforce_pp
         steps=steps, prompts_per_step=prompts_per_step, group_size=group_size,

@@ -31,14 +31,8 @@ def get_config(arg: str | None = None):
     c.seed = 0
     c.stages = ("sft", "rl", "eval", "export")
     c.thinking = True
-    c.model = ml_collections.ConfigDict(dict(preset="tiny", vocab_size=640, checkpoint="",
-                                             param_dtype="float32", dtype="float32"))
-    c.model.init_std = 0.1               # fan-in sized for width 64: learns far faster than 0.02
-    c.model.attention = "dense"          # "flash": blockwise, for long sequences without SP
-    c.model.video_token_id = -1          # -1: the tokenizer's <video> and "\n" ids
-    c.model.separator_token_id = -1
-    c.model.scan_layers = False
-    c.model.remat = False
+    # init_std: fan-in sized for width 64, which learns far faster than 0.02.
+    c.model = common.model_config("tiny", init_std=0.1)
     c.mesh = common.mesh_config()
     c.sharding_rules = common.sharding_rules()
     c.sp = common.sp_config(layout="contiguous")

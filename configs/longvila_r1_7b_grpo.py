@@ -1,4 +1,4 @@
-"""GRPO on LongVILA-R1-7B with Long-RL's defaults (REFERENCE.md), 256 frames per video.
+"""GRPO on LongVILA-R1-7B with Long-RL's defaults (docs/REFERENCE.md), 256 frames per video.
 
   python -m longrl_jax.main --config=configs/longvila_r1_7b_grpo.py \
       --workdir=runs/longvila_r1_7b_grpo \
@@ -26,12 +26,11 @@ def get_config(arg: str | None = None):
     c.seed = 0
     c.stages = ("rl", "eval", "export")
     c.thinking = True
-    c.model = ml_collections.ConfigDict(dict(
-        preset="tiny" if runlocal else "longvila_r1_7b", vocab_size=640, checkpoint="",
+    c.model = common.model_config(
+        "tiny" if runlocal else "longvila_r1_7b",
         param_dtype="float32" if runlocal else "bfloat16",
         dtype="float32" if runlocal else "bfloat16",
-        video_token_id=-1, separator_token_id=-1, scan_layers=not runlocal, remat=not runlocal,
-        attention="dense" if runlocal else "flash"))
+        scan_layers=not runlocal, remat=not runlocal, attention="dense" if runlocal else "flash")
     c.mesh = common.mesh_config(fsdp=-1, sequence=1 if runlocal else 4)
     c.sharding_rules = common.sharding_rules()
     c.sp = common.sp_config(strategy="ring", layout="contiguous", frames_per_chunk=16)

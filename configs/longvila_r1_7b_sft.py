@@ -14,7 +14,6 @@ accuracy rises above the base model's; not run at this scale by us. `:runlocal` 
 run of the same code path.
 """
 
-import ml_collections
 
 from configs import common, longvila_r1_7b_grpo
 

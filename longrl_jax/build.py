@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from longrl_jax.models import VLM, ModelConfig, hf
+from longrl_jax.models import VLM, ModelConfig, flash, hf
 from longrl_jax.parallel import mesh as mesh_lib
+from longrl_jax.parallel import sequence
 
 
 def rules(config) -> tuple:
@@ -18,6 +19,7 @@ def rules(config) -> tuple:
     return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding_rules)
 
 
+ATTENTION = ("dense", "flash")   # config.model.attention without a sequence axis
 INIT_STD = 0.02   # what every random weight matrix starts with (transformers' initializer_range)
 
 
@@ -41,8 +43,7 @@ def build_model(config, *, video_token_id: int | None = None,
     raises ValueError naming it. Token ids given here (the run's tokenizer) override the
     config's, which may be -1 for "from the tokenizer". `adjust(ModelConfig) -> ModelConfig`
     changes a preset before it is built (benchmarks: fewer layers, another frame size).
-    `config.model.attention` "flash" uses blockwise attention when the mesh has no sequence axis
-    (with one, the SP strategy decides)."""
+    The attention kernel is installed here (`install_attention`)."""
     mesh = mesh_lib.make_mesh(dict(config.mesh))
     axis_rules = rules(config)
     param_dtype = getattr(jnp, config.model.param_dtype)
@@ -67,11 +68,16 @@ def build_model(config, *, video_token_id: int | None = None,
             lambda: VLM(cfg, rngs=nnx.Rngs(config.seed), param_dtype=param_dtype,
                         dtype=getattr(jnp, config.model.dtype), remat=config.model.remat,
                         scan_layers=config.model.scan_layers), mesh, axis_rules)
-        init_std = config.model.get("init_std", INIT_STD)
-        if init_std != INIT_STD:
-            _rescale_init(model, init_std / INIT_STD)
-    if mesh.shape["sequence"] > 1:
-        model.llm.enable_sequence_parallel(mesh, config.sp.strategy, layout=config.sp.layout)
-    elif config.model.get("attention", "dense") == "flash":
-        model.llm.use_flash_attention()   # O(T) memory without SP; same numbers as dense
+        if config.model.init_std != INIT_STD:
+            _rescale_init(model, config.model.init_std / INIT_STD)
+    install_attention(model.llm, mesh, config)
     return model, mesh
+
+
+def install_attention(llm, mesh, config) -> None:
+    """The attention kernel the config asks for: MR-SP's strategy when the mesh has a
+    'sequence' axis, else blockwise flash (`model.attention="flash"`) or dense."""
+    if mesh.shape["sequence"] > 1:
+        sequence.use_sequence_parallel(llm, mesh, config.sp.strategy, layout=config.sp.layout)
+    elif config.model.attention == "flash":
+        llm.set_attention(flash.attention_fn())

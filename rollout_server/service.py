@@ -329,7 +329,7 @@ class RolloutService(pb_grpc.RolloutServicer):
 
     def _check_finite(self, path: str, table: list) -> None:
         raw = np.memmap(path, dtype=np.uint8, mode="r")
-        for name, dtype, shape, offset, size in table:
+        for name, dtype, _shape, offset, size in table:
             t = torch.from_numpy(np.asarray(raw[offset:offset + size])).view(DTYPES[dtype])
             if not all_finite(t):
                 raise _bad(f"UpdateWeights: {name} contains NaN or Inf")

@@ -7,8 +7,8 @@ import os
 
 import numpy as np
 import torch
-
 from hf_fixtures import perturb
+
 from longrl_jax.data.tokenizer import build_qwen2_tokenizer
 
 TOKEN = "test-token-3b1f"

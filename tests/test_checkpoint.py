@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from longrl_jax.checkpoint import TrainCheckpointer, rng_from_json, rng_to_json
-from longrl_jax.models import ModelConfig, VLM
+from longrl_jax.models import VLM, ModelConfig
 from longrl_jax.parallel import mesh as mesh_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from longrl_jax.data import embed_cache, synthetic
-from longrl_jax.data.video import Sampling, write_video
+from longrl_jax.data.frames import Sampling, write_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,9 +5,9 @@ import os
 import shutil
 
 import pytest
+from hf_fixtures import projector_torch, qwen2_hf, siglip_hf, write_longvila
 from safetensors.torch import load_file, save_file
 
-from hf_fixtures import projector_torch, qwen2_hf, siglip_hf, write_longvila
 from longrl_jax.models import hf
 from longrl_jax.models.config import ConfigError
 

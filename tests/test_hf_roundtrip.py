@@ -5,10 +5,10 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import torch
+from hf_fixtures import projector_torch, qwen2_hf, siglip_hf, write_longvila
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
 
-from hf_fixtures import projector_torch, qwen2_hf, siglip_hf, write_longvila
 from longrl_jax.data.tokenizer import build_qwen2_tokenizer
 from longrl_jax.models import hf
 

@@ -8,7 +8,7 @@ import pytest
 
 from longrl_jax.data import longvideo_reason as lvr
 from longrl_jax.data import synthetic
-from longrl_jax.data.video import write_video
+from longrl_jax.data.frames import write_video
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,15 @@ import numpy as np
 from tensorboardX.proto import event_pb2
 from tensorboardX.record_writer import masked_crc32c
 
-from longrl_jax.metrics import (MetricWriter, Timers, format_eval_report, plot_run, postfix,
-                                progress, read_metrics)
+from longrl_jax.metrics import (
+    MetricWriter,
+    Timers,
+    format_eval_report,
+    plot_run,
+    postfix,
+    progress,
+    read_metrics,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

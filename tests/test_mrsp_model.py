@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from longrl_jax.models import ModelConfig, VLM
+from longrl_jax.models import VLM, ModelConfig
 from longrl_jax.models.splice import splice_layout
+from longrl_jax.parallel import logprobs, video_encoding
 from longrl_jax.parallel import mesh as mesh_lib
-from longrl_jax.parallel import prefill, video
 from longrl_jax.parallel import sequence as S
 
 V_TOKEN, SEP = 3, 4
@@ -39,7 +39,7 @@ def test_stage1_sharded_encoding_equals_unsharded(model, sizes, num_frames):
     frames = jnp.asarray(np.random.RandomState(num_frames).uniform(
         -1, 1, (num_frames, 32, 32, 3)).astype(np.float32))
     ref = model.encode_video(frames)
-    out = video.encode_video_sharded(model, frames, mesh=mesh, frames_per_chunk=1)
+    out = video_encoding.encode_video_sharded(model, frames, mesh=mesh, frames_per_chunk=1)
     assert out.shape == ref.shape  # padded for the devices, unpadded after: nothing dropped
     assert _rel(out, ref) < 1e-5
 
@@ -79,7 +79,7 @@ def test_stage2_forward_loss_grad_and_response_logprobs(model, strategy, sp, lay
 
     mesh = mesh_lib.make_mesh({"sequence": sp, "fsdp": -1})
     llm = nnx.clone(model.llm)
-    llm.enable_sequence_parallel(mesh, strategy, layout=layout, block_q=8, block_k=8)
+    S.use_sequence_parallel(llm, mesh, strategy, layout=layout, block_q=8, block_k=8)
     nxt = jnp.concatenate([ids[:, 1:], jnp.zeros((b, 1), ids.dtype)], 1)
     seq = S.pad_and_shard(embeds, nxt, mesh=mesh, layout=layout)
     e, n = seq.arrays
@@ -101,9 +101,9 @@ def test_stage2_forward_loss_grad_and_response_logprobs(model, strategy, sp, lay
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         assert _rel(g, r) < 1e-4
 
-    lp, ent = nnx.jit(lambda llm: prefill.response_logprobs(llm, seq, resp_pos, targets,
+    lp, ent = nnx.jit(lambda llm: logprobs.response_logprobs(llm, seq, resp_pos, targets,
                                                             mesh=mesh))(llm)
-    lp_ref, ent_ref = prefill.full_logprobs(model.llm, embeds, resp_pos, targets)
+    lp_ref, ent_ref = logprobs.full_logprobs(model.llm, embeds, resp_pos, targets)
     assert lp.shape == (b, 6)
     assert float(jnp.abs(lp - lp_ref).max()) < 1e-4
     assert float(jnp.abs(ent - ent_ref).max()) < 1e-4
@@ -114,12 +114,12 @@ def test_response_logprobs_never_projects_the_whole_sequence(model):
     embeds, resp_pos, targets = _spliced(model, num_frames=20)
     mesh = mesh_lib.make_mesh({"sequence": 8})
     llm = nnx.clone(model.llm)
-    llm.enable_sequence_parallel(mesh, "all_gather_kv")
+    S.use_sequence_parallel(llm, mesh, "all_gather_kv")
     seq = S.pad_and_shard(embeds, mesh=mesh)
     graphdef, state = nnx.split(llm)
 
     def f(state):
-        return prefill.response_logprobs(nnx.merge(graphdef, state), seq, resp_pos, targets,
+        return logprobs.response_logprobs(nnx.merge(graphdef, state), seq, resp_pos, targets,
                                          mesh=mesh)
 
     hlo = jax.jit(f).lower(state).as_text()
@@ -141,16 +141,16 @@ def test_scanned_rematerialised_layers_with_sp_match(model):
         nnx.update(getattr(scanned, name), nnx.state(getattr(plain, name)))
 
     def loss(llm, **kw):
-        lp, _ = prefill.full_logprobs(llm, embeds, resp_pos, targets, **kw)
+        lp, _ = logprobs.full_logprobs(llm, embeds, resp_pos, targets, **kw)
         return -jnp.sum(lp)
 
     ref_loss, ref_grads = nnx.value_and_grad(loss)(plain)
     mesh = mesh_lib.make_mesh({"sequence": 4, "fsdp": -1})
-    scanned.enable_sequence_parallel(mesh, "ring", layout="zigzag", block_q=8, block_k=8)
+    S.use_sequence_parallel(scanned, mesh, "ring", layout="zigzag", block_q=8, block_k=8)
     seq = S.pad_and_shard(embeds, mesh=mesh, layout="zigzag")
 
     def loss_sp(llm):
-        lp, _ = prefill.response_logprobs(llm, seq, resp_pos, targets, mesh=mesh)
+        lp, _ = logprobs.response_logprobs(llm, seq, resp_pos, targets, mesh=mesh)
         return -jnp.sum(lp)
 
     sp_loss, sp_grads = nnx.jit(nnx.value_and_grad(loss_sp))(scanned)

@@ -5,7 +5,7 @@ import collections
 import pytest
 from flax import nnx
 
-from longrl_jax.models import ModelConfig, VLM, hf
+from longrl_jax.models import VLM, ModelConfig, hf
 from longrl_jax.models.config import ConfigError
 
 

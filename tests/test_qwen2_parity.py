@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from hf_fixtures import qwen2_hf, rel_err
+
 from longrl_jax.models import hf
 
 CONFIGS = {

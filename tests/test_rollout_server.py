@@ -15,12 +15,16 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from rollout_fixtures import TOKEN, server_env, write_served_qwen2
 from safetensors.numpy import load_file
 
-from longrl_jax.rl.rollout_client import (EmbeddingRef, RolloutClient, RolloutError,
-                                          StaleWeightsError)
-from longrl_jax.rl.rollout_launcher import RolloutServerProcess
-from rollout_fixtures import TOKEN, server_env, write_served_qwen2
+from longrl_jax.rl.connection import RolloutServerProcess
+from longrl_jax.rl.rollout_client import (
+    EmbeddingRef,
+    RolloutClient,
+    RolloutError,
+    StaleWeightsError,
+)
 
 MAX_LEN = 1024
 
@@ -65,6 +69,7 @@ def test_greedy_matches_transformers_and_jax(served):
     np.testing.assert_allclose(s.logprobs, ref_lp.numpy(), atol=2e-3)
 
     import jax.numpy as jnp
+
     from longrl_jax.models import hf as hf_io
     from longrl_jax.models.qwen2 import token_logprobs
     model = hf_io.load_pretrained(path)
@@ -148,7 +153,7 @@ def test_spliced_prompt_equals_full_embedding_sequence(served, weights):
 
 def test_splice_layout_segments_round_trip(served, weights):
     """The trainer's SpliceLayout segments, sent by reference, equal the spliced embeddings."""
-    from longrl_jax.models.splice import splice_layout, splice_embeddings
+    from longrl_jax.models.splice import splice_embeddings, splice_layout
     from longrl_jax.rl.rollout_client import spliced_prompt
     client = served[0].client
     table = weights["model.embed_tokens.weight"]

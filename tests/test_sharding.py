@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from hf_fixtures import rel_err
-from longrl_jax.models import ModelConfig, VLM, hf
+
+from longrl_jax.models import VLM, ModelConfig, hf
 from longrl_jax.models.config import LLMConfig, VisionConfig
 from longrl_jax.parallel import mesh as mesh_lib
 
@@ -34,7 +34,7 @@ def reference():
 
 def _perturb(model):
     key = jax.random.key(1)
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    for _path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         key, sub = jax.random.split(key)
         var[...] = var[...] + 0.05 * jax.random.normal(sub, var.shape)
 

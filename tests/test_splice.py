@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from longrl_jax.models import ModelConfig, VLM
+from longrl_jax.models import VLM, ModelConfig
 from longrl_jax.models.splice import splice_embeddings, splice_layout
 
 V, SEP = 9, 5

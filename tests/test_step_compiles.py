@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from configs import demo
-from longrl_jax import build, sequences
+from longrl_jax import batch as batch_lib
+from longrl_jax import build
+from longrl_jax import prompts as prompts_lib
 from longrl_jax.models.splice import splice_layout
+from longrl_jax.optim import optimizer
 from longrl_jax.rl.trainer import make_update_fn
-from longrl_jax.run import optimizer
 from longrl_jax.sft.trainer import make_step
 
 
@@ -36,11 +38,11 @@ def _batch(mesh, b=8, seed=0):
         lay = splice_layout(ids, video_token_id=3, frames_per_video=[4], tokens_per_frame=4,
                             separator_id=4)
         rows = rng.normal(size=(16, 64)).astype(np.float32) * 0.02
-        prompts.append(sequences.Prompt(None, np.array(ids), lay, f"v{i}", rows))
+        prompts.append(prompts_lib.Prompt(None, np.array(ids), lay, f"v{i}", rows))
     responses = [rng.integers(20, 60, size=int(rng.integers(3, 9))).astype(np.int32)
                  for _ in range(b)]
-    batch = sequences.build_batch(prompts, responses, response_len=8)
-    return batch, sequences.place_batch(batch, mesh)
+    batch = batch_lib.build_batch(prompts, responses, response_len=8)
+    return batch, batch_lib.place_batch(batch, mesh)
 
 
 @pytest.mark.parametrize("mesh_cfg", [dict(data=1, fsdp=8, sequence=1, tensor=1),

@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from longrl_jax.data import synthetic, video
+from longrl_jax.data import frames as video
+from longrl_jax.data import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAMES, SAMPLE = 64, 16

@@ -1,8 +1,8 @@
 """The offline Qwen2-compatible tokenizer: what we write is what AutoTokenizer (and so vLLM) reads."""
 
+from hf_fixtures import qwen2_hf
 from transformers import AutoTokenizer
 
-from hf_fixtures import qwen2_hf
 from longrl_jax.data.tokenizer import build_qwen2_tokenizer
 
 WORDS = ["red", "blue", "circle", "square", "appears", "before", "after", "count", "video"]

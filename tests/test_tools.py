@@ -6,9 +6,9 @@ import sys
 
 import numpy as np
 import torch
+from hf_fixtures import projector_torch, qwen2_hf, siglip_hf, write_longvila
 from transformers import AutoModelForCausalLM
 
-from hf_fixtures import projector_torch, qwen2_hf, siglip_hf, write_longvila
 from longrl_jax.models import hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

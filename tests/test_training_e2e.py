@@ -110,6 +110,7 @@ def test_reward_rises_on_a_learnable_task(runs):
 def test_killed_run_resumes_to_identical_parameters(runs):
     a, b, killed_at = runs
     from flax import nnx
+
     from longrl_jax import checkpoint
     pa = nnx.to_pure_dict(nnx.state(checkpoint.load_params(f"{a}/params/rl"), nnx.Param))
     pb = nnx.to_pure_dict(nnx.state(checkpoint.load_params(f"{b}/params/rl"), nnx.Param))
@@ -128,6 +129,7 @@ def test_export_loads_in_transformers(runs, tmp_path):
     _, b, _ = runs
     import torch
     from transformers import AutoTokenizer, Qwen2ForCausalLM
+
     from longrl_jax import checkpoint
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = str(tmp_path / "exported")

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from longrl_jax.data import video as V
+from longrl_jax.data import frames as V
 
 GRID = 4
 

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from hf_fixtures import projector_torch, qwen2_hf, rel_err, siglip_hf, write_longvila
 from scipy.special import erf
 
-from hf_fixtures import projector_torch, qwen2_hf, rel_err, siglip_hf, write_longvila
 from longrl_jax.models import hf
 from longrl_jax.models.projector import merge_2x2
 
@@ -88,6 +88,7 @@ def test_projector_matches_numpy_formula(grid):
     assert rel_err(proj(torch.tensor(x)).detach().numpy(), ref) < 1e-5
     # ... and so does ours, loaded through the mapping table.
     from flax import nnx
+
     from longrl_jax.models.config import ProjectorConfig
     from longrl_jax.models.projector import Projector
     ours = Projector(ProjectorConfig(vision_hidden_size=dv, llm_hidden_size=d), rngs=nnx.Rngs(0))

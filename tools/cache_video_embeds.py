@@ -12,14 +12,13 @@ and unreadable videos are reported, never fatal. The report JSON:
 import json
 import sys
 
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from longrl_jax import build
-from longrl_jax.data import embed_cache, longvideo_reason
-from longrl_jax.data.video import Sampling, VideoError, load_frames
-from longrl_jax.parallel import video as stage1
+from longrl_jax.data import longvideo_reason
+from longrl_jax.data.frames import VideoError
+from longrl_jax.embedder import VideoEmbedder
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config", lock_config=True)
 DATA = flags.DEFINE_string("data", None, "LongVideo-Reason JSONL", required=True)
@@ -34,34 +33,24 @@ def main(argv):
     config = _CONFIG.value
     try:
         model, mesh = build.build_model(config)
-        sampling = Sampling(num_frames=config.data.num_frames, fps=config.data.fps,
-                            max_frames=config.data.max_frames, size=model.cfg.vision.image_size)
+        embedder = VideoEmbedder.from_config(model, mesh, config, CACHE_DIR.value,
+                                             build.rules(config), keep_in_memory=False)
     except ValueError as e:
         sys.exit(f"cache_video_embeds: {e}")
-    rules = build.rules(config)
-    cache = embed_cache.EmbedCache(CACHE_DIR.value, embed_cache.weights_fingerprint(model))
     report = longvideo_reason.Report()
-    counts = {"computed": 0, "cached": 0}
     done: set[str] = set()
     for row, ex in longvideo_reason.read_jsonl(DATA.value, VIDEO_DIR.value, report):
         for path in ex.videos:
             if path in done:
                 continue
-
-            def compute(path=path):
-                frames, idx = load_frames(path, sampling, batch_frames=config.data.decode_batch)
-                embeds = stage1.encode_video_sharded(
-                    model, frames, mesh=mesh, frames_per_chunk=config.sp.frames_per_chunk,
-                    rules=rules)
-                return np.asarray(embeds), idx
             try:
-                _, status = cache.get_or_compute(path, sampling, compute)
+                embedder(path)
             except VideoError as e:  # decodes but breaks mid-way (truncated stream, say)
                 report.skip(row, str(e))
                 continue
-            counts[status] += 1
             done.add(path)
-    out = {**counts, "skipped": report.skipped, "read": report.read, "kept": report.kept}
+    out = {"computed": embedder.computed, "cached": embedder.cached, "skipped": report.skipped,
+           "read": report.read, "kept": report.kept}
     with open(REPORT.value, "w") as f:
         json.dump(out, f, indent=1)
     print(json.dumps({k: v for k, v in out.items() if k != "skipped"} |

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from longrl_jax.data.video import Sampling
+from longrl_jax.data.frames import Sampling
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1

@@ -17,7 +17,7 @@ import os
 import re
 from typing import Iterable, Iterator
 
-from longrl_jax.data.video import VideoError, video_info
+from longrl_jax.data.frames import VideoError, video_info
 
 log = logging.getLogger(__name__)
 

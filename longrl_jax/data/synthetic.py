@@ -45,7 +45,7 @@ from typing import Iterator
 
 import numpy as np
 
-from longrl_jax.data.video import write_video
+from longrl_jax.data.frames import write_video
 
 COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230),
           "yellow": (235, 215, 40), "purple": (150, 60, 200), "white": (245, 245, 245)}

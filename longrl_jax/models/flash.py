@@ -246,3 +246,12 @@ def flash_backward(q, k, v, o, lse, do, *, q_idx=None, k_idx=None, k_valid=None,
     dq, dk, dv = _backward(qp, kp, vp, qip, kip, kvp, op, lsep, dop, None, causal, block_q,
                            block_k)
     return dq[:, :tq], dk[:, :tk], dv[:, :tk]
+
+
+def attention_fn(block_q: int = 512, block_k: int = 512):
+    """`flash_attention` as a Qwen2 `attn_fn` (`q, k, v, *, causal, kv_valid_bs`): O(T) memory
+    on one device, the same numbers as dense attention."""
+    def fn(q, k, v, *, causal, kv_valid_bs=None):
+        return flash_attention(q, k, v, k_valid=kv_valid_bs, causal=causal, block_q=block_q,
+                               block_k=block_k)
+    return fn

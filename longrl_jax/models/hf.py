@@ -58,8 +58,6 @@ class Rule:
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    name: str
-    subdir: str                      # directory inside a LongVILA checkpoint
     jax_prefix: str                  # attribute of the VLM holding this part
     save_prefix: str                 # prefix transformers expects on every HF name
     strip_prefixes: tuple[str, ...]  # wrapper prefixes removed on load
@@ -79,7 +77,7 @@ def _vision_head(cfg: ModelConfig) -> bool:
 _L = "layers.{i}."
 _QL = "model.layers.{i}."
 QWEN2 = Family(
-    name="qwen2", subdir="llm", jax_prefix="llm", save_prefix="",
+    jax_prefix="llm", save_prefix="",
     strip_prefixes=("llm.", "language_model."),
     num_layers=lambda c: c.llm.num_layers,
     rules=(
@@ -105,7 +103,7 @@ QWEN2 = Family(
 _VL = "encoder.layers.{i}."
 _ATTN = ("q_proj", "k_proj", "v_proj")
 SIGLIP = Family(
-    name="siglip", subdir="vision_tower", jax_prefix="vision_tower", save_prefix="vision_model.",
+    jax_prefix="vision_tower", save_prefix="vision_model.",
     strip_prefixes=("vision_tower.vision_tower.", "vision_tower.", "vision_model."),
     num_layers=lambda c: c.vision.num_layers,
     rules=(
@@ -149,7 +147,7 @@ SIGLIP = Family(
 )
 
 PROJECTOR = Family(
-    name="mlp_downsample_2x2_fix", subdir="mm_projector", jax_prefix="mm_projector",
+    jax_prefix="mm_projector",
     save_prefix="", strip_prefixes=("model.mm_projector.", "mm_projector."),
     num_layers=lambda c: 0,
     rules=(

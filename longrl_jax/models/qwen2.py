@@ -1,7 +1,7 @@
 """Qwen2 decoder in Flax NNX: GQA with q/k/v bias, rotate-half RoPE, RMSNorm, SwiGLU MLP.
 
-Attention is pluggable (`attn_fn`) so the MR-SP sequence-parallel strategies can replace the dense
-reference without touching the layer code. Inputs are token ids or already spliced embeddings
+Attention is pluggable (`attn_fn`, `set_attention`) so the blockwise kernel and the MR-SP
+sequence-parallel strategies can replace the dense reference without touching the layer code. Inputs are token ids or already spliced embeddings
 (a video placed at its placeholder), so rollout and training use the identical sequence.
 """
 
@@ -14,8 +14,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longrl_jax.models.config import LLMConfig
-from longrl_jax.models.layers import (Einsum, Embed, RMSNorm, apply_rope, dense_attention,
-                                      rope_cos_sin)
+from longrl_jax.models.layers import (
+    Einsum,
+    Embed,
+    RMSNorm,
+    apply_rope,
+    dense_attention,
+    rope_cos_sin,
+)
 
 # attn_fn(q [B,T,N,H], k [B,S,K,H], v [B,S,K,H], *, causal, kv_valid_bs) -> [B,T,N,H]
 AttnFn = Callable[..., jax.Array]
@@ -101,27 +107,13 @@ class Qwen2ForCausalLM(nnx.Module):
         self.attn_fn: AttnFn = dense_attention
         self.act_sharding = None
 
-    def enable_sequence_parallel(self, mesh, strategy: str, *, layout: str = "contiguous",
-                                 axis: str = "sequence", block_q: int = 512,
-                                 block_k: int = 512) -> None:
-        """Attention runs sequence-parallel on `mesh` (MR-SP stage 2); inputs must then come
-        from `parallel.sequence.pad_and_shard` with the same layout."""
-        from jax.sharding import NamedSharding, PartitionSpec as P
-
-        from longrl_jax.parallel import sequence
-        self.attn_fn = sequence.attention_fn(mesh, strategy, layout=layout, axis=axis,
-                                             block_q=block_q, block_k=block_k)
-        # Keep activations T-sharded between layers (GSPMD then gathers weights, not tokens).
-        self.act_sharding = NamedSharding(mesh, P(P.UNCONSTRAINED, axis, None))
-
-    def use_flash_attention(self, block_q: int = 512, block_k: int = 512) -> None:
-        """Blockwise O(T)-memory attention on one device (long sequences without SP)."""
-        from longrl_jax.models.flash import flash_attention
-
-        def fn(q, k, v, *, causal, kv_valid_bs=None):
-            return flash_attention(q, k, v, k_valid=kv_valid_bs, causal=causal, block_q=block_q,
-                                   block_k=block_k)
-        self.attn_fn = fn
+    def set_attention(self, attn_fn: AttnFn, act_sharding=None) -> None:
+        """Replaces the attention kernel (the build step installs flash or MR-SP's strategies;
+        see `build.install_attention`). `act_sharding` constrains the activations between
+        layers (sequence parallelism keeps them T-sharded: GSPMD then gathers weights, not
+        tokens)."""
+        self.attn_fn = attn_fn
+        self.act_sharding = act_sharding
 
     def embed(self, input_ids_bt: jax.Array) -> jax.Array:
         return self.embed_tokens(jnp.asarray(input_ids_bt))

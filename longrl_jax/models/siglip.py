@@ -13,8 +13,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longrl_jax.models.config import VisionConfig
-from longrl_jax.models.layers import (Einsum, LayerNorm, default_kernel_init, dense_attention,
-                                      param, zeros)
+from longrl_jax.models.layers import (
+    Einsum,
+    LayerNorm,
+    default_kernel_init,
+    dense_attention,
+    param,
+    zeros,
+)
 
 
 class SiglipEmbeddings(nnx.Module):

@@ -131,8 +131,17 @@ def create_sharded(ctor: Callable[[], nnx.Module], mesh: Mesh,
     return nnx.merge(graphdef, state)
 
 
+def batch_axes(mesh: Mesh, batch: int, rules: Rules = DEFAULT_RULES,
+               leading: str = "batch") -> tuple[str, ...] | None:
+    """The mesh axes a batch dimension of size `batch` is split over: the `leading` rule's axes
+    (longest prefix that divides it), or None. Every batch placement derives from this."""
+    spec = logical_to_spec((leading,), (batch,), mesh, rules)
+    if not spec or spec[0] is None:
+        return None
+    return (spec[0],) if isinstance(spec[0], str) else tuple(spec[0])
+
+
 def batch_sharding(mesh: Mesh, shape: Sequence[int], rules: Rules = DEFAULT_RULES,
                    leading: str = "batch") -> NamedSharding:
     """Sharding of a [B, ...] input: B over the `leading` rule's axes, the rest replicated."""
-    return named_sharding((leading,) + (None,) * (len(shape) - 1), shape, mesh, rules)
-
+    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh, shape[0], rules, leading)))

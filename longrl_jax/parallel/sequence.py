@@ -29,14 +29,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from longrl_jax.models.flash import flash_attention, flash_backward
+from longrl_jax.parallel.mesh import batch_axes
 
 STRATEGIES = ("all_gather_kv", "ulysses", "ring")
 LAYOUTS = ("contiguous", "zigzag")
@@ -228,13 +229,6 @@ _IMPLS = {"all_gather_kv": _all_gather_kv, "ulysses": _ulysses, "ring": _ring}
 
 
 # ---------------------------------------------------------------------------- public entry
-def _batch_axes(mesh, batch: int, axis: str):
-    axes = tuple(a for a in ("data", "fsdp") if a != axis and mesh.shape.get(a, 1) > 1)
-    while axes and batch % math.prod(mesh.shape[a] for a in axes):
-        axes = axes[:-1]
-    return axes or None
-
-
 def _head_axis(mesh, hq: int, hk: int, axis: str):
     t = mesh.shape.get("tensor", 1)
     return "tensor" if axis != "tensor" and t > 1 and hk % t == 0 and hq % t == 0 else None
@@ -276,7 +270,7 @@ def attention(q, k, v, *, mesh, strategy: str = "all_gather_kv", causal: bool = 
     convert = strategy == "ring" and causal and layout == "contiguous" and t % (2 * sp) == 0
     ctx = _Ctx(axis=axis, sp=sp, length=t, layout="zigzag" if convert else layout,
                causal=causal, block_q=block_q, block_k=block_k)
-    bax, hax = _batch_axes(mesh, b, axis), _head_axis(mesh, hq, hk, axis)
+    bax, hax = batch_axes(mesh, b), _head_axis(mesh, hq, hk, axis)
     spec, vspec = P(bax, axis, hax, None), P(bax, axis)
 
     def local(q, k, v, kv_valid):
@@ -302,7 +296,7 @@ def _to_spec(x, mesh, spec):
 def attention_fn(mesh, strategy: str, *, layout: str = "contiguous", axis: str = "sequence",
                  block_q: int = 512, block_k: int = 512):
     """An `attn_fn` for the Qwen2 layers (`q, k, v, *, causal, kv_valid_bs`) running `strategy`
-    on `mesh`: what `Qwen2ForCausalLM.enable_sequence_parallel` installs."""
+    on `mesh` (see `use_sequence_parallel`)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown SP strategy {strategy!r}; choose from {STRATEGIES}")
 
@@ -311,6 +305,15 @@ def attention_fn(mesh, strategy: str, *, layout: str = "contiguous", axis: str =
                          kv_valid=kv_valid_bs, layout=layout, axis=axis, block_q=block_q,
                          block_k=block_k)
     return fn
+
+
+def use_sequence_parallel(llm, mesh, strategy: str, *, layout: str = "contiguous",
+                          axis: str = "sequence", block_q: int = 512, block_k: int = 512) -> None:
+    """Installs `strategy` as the attention of a Qwen2 LLM (MR-SP stage 2); its inputs must then
+    come from `pad_and_shard` (or `batch.place_batch`) with the same layout."""
+    llm.set_attention(attention_fn(mesh, strategy, layout=layout, axis=axis, block_q=block_q,
+                                   block_k=block_k),
+                      act_sharding=NamedSharding(mesh, P(P.UNCONSTRAINED, axis, None)))
 
 
 # --------------------------------------------------------------------------- pad and shard
@@ -356,7 +359,7 @@ def pad_and_shard(*arrays, mesh, positions=None, valid=None, layout: str = "cont
     multiple = layout_multiple(sp, layout)
     pad = -t % multiple
     index = layout_index(t + pad, sp, layout)
-    bax = _batch_axes(mesh, b, axis)
+    bax = batch_axes(mesh, b)
 
     def padded(x, fill):
         x = jnp.asarray(x)
@@ -384,7 +387,7 @@ def gather_rows(x_btd, layout_rows_br, *, mesh, axis: str = "sequence"):
     b, t = x_btd.shape[:2]
     sp = mesh.shape[axis]
     tl = t // sp
-    bax = _batch_axes(mesh, b, axis)
+    bax = batch_axes(mesh, b)
     rest = (None,) * (x_btd.ndim - 2)
 
     def local(x, rows):
@@ -421,5 +424,6 @@ def put_from_host(host, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: np.asarray(host[idx]))
 
 
-__all__ = ["LAYOUTS", "STRATEGIES", "ShardedSequence", "attention", "chunked_device_get",
-           "gather_rows", "layout_index", "pad_and_shard", "put_from_host", "ulysses_head_plan"]
+__all__ = ["LAYOUTS", "STRATEGIES", "ShardedSequence", "attention", "attention_fn",
+           "chunked_device_get", "gather_rows", "layout_index", "pad_and_shard", "put_from_host",
+           "ulysses_head_plan", "use_sequence_parallel"]

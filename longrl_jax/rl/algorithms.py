@@ -281,3 +281,33 @@ def overlong_penalty(lengths, max_len: int, buffer_len: int, penalty_factor: flo
     ramp_b = (expected - len_b) / max(float(buffer_len), 1.0)
     frac_b = jnp.where(len_b <= expected, 0.0, jnp.where(len_b <= max_len, ramp_b, -1.0))
     return frac_b * penalty_factor
+
+
+# ------------------------------------------------------------------------------------------------
+# Estimators by name (what `config.rl.algorithm` chooses)
+# ------------------------------------------------------------------------------------------------
+
+def _reinforce_pp_outcome(rewards, group_ids, mask_bt, gamma):
+    """REINFORCE++ from an outcome reward: the reward on the last response token."""
+    del group_ids
+    mask = np.asarray(mask_bt, np.float32)
+    tok_r = np.zeros_like(mask)
+    last = np.maximum(mask.sum(-1).astype(int) - 1, 0)
+    tok_r[np.arange(len(last)), last] = np.asarray(rewards, np.float32)
+    return reinforce_pp_advantages(tok_r, mask, gamma)
+
+
+ESTIMATORS = {
+    "grpo": lambda r, g, m, gamma: grpo_advantages(r, g),
+    "dr_grpo": lambda r, g, m, gamma: grpo_advantages(r, g, norm_by_std=False),
+    "rloo": lambda r, g, m, gamma: rloo_advantages(r, g),
+    "reinforce_pp": _reinforce_pp_outcome,
+}
+
+
+def advantages(algorithm: str, rewards, group_ids, mask_bt, *, gamma: float = 1.0) -> jax.Array:
+    """The advantages of `algorithm` (a key of ESTIMATORS) from per-sequence rewards: [B] for
+    the group baselines, [B, T] for REINFORCE++; `policy_loss` takes either."""
+    if algorithm not in ESTIMATORS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; choose from {tuple(ESTIMATORS)}")
+    return ESTIMATORS[algorithm](rewards, group_ids, mask_bt, gamma)

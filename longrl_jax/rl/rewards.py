@@ -232,7 +232,8 @@ class Judge:
         except urllib.error.HTTPError as e:
             detail = e.read(200).decode("utf-8", "replace")
             # 429 and 5xx can pass; other 4xx (bad key, bad model, bad url) will not.
-            raise JudgeError(f"HTTP {e.code}: {detail}", retry=e.code == 429 or e.code >= 500)
+            raise JudgeError(f"HTTP {e.code}: {detail}",
+                             retry=e.code == 429 or e.code >= 500) from None
         except TimeoutError:
             raise JudgeError(f"timeout after {self.config.timeout_s} s") from None
         except urllib.error.URLError as e:

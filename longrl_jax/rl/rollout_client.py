@@ -13,7 +13,6 @@ import collections
 import dataclasses
 import os
 import re
-import tempfile
 import time
 import uuid
 from typing import Iterable, Mapping, Sequence
@@ -56,14 +55,15 @@ class EmbeddingRef:
     end: int | None = None
 
 
-Segment = "Sequence[int] | np.ndarray | EmbeddingRef | str"
-
-
 def _dtype_name(a: np.ndarray) -> str:
     return a.dtype.name  # 'bfloat16' for ml_dtypes arrays
 
 
 class RolloutClient:
+    """A connection to one rollout server. It is the trainer's one record of what the server
+    holds: `weight_version` (the version of the last update it made or read) and the embeddings
+    it sent (kept, bounded in bytes, so that it can send them again to a restarted server)."""
+
     def __init__(self, address: str, token: str | None = None, *,
                  timeout_s: float = 600.0, remember_embedding_bytes: int = 2 << 30):
         self.address = address
@@ -73,8 +73,9 @@ class RolloutClient:
                 ("grpc.max_send_message_length", 64 << 20)]
         self._channel = grpc.insecure_channel(address, options=opts)
         self._stub = pb_grpc.RolloutStub(self._channel)
+        self._sent_keys: set[str] = set()     # what this server was sent
         self._sent: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
-        self._sent_bytes = 0
+        self._sent_bytes = 0                   # of `_sent`: what can be sent again
         self._swept = False
         self._remember = remember_embedding_bytes
         self.weight_version = 0
@@ -121,6 +122,11 @@ class RolloutClient:
     def info(self) -> pb.InfoReply:
         return self._call(self._stub.Info, pb.InfoRequest())
 
+    def read_weight_version(self) -> int:
+        """Takes the serving weight version from the server (a fresh or unknown server)."""
+        self.weight_version = self.info().weight_version
+        return self.weight_version
+
     def shutdown(self) -> None:
         self._call(self._stub.Shutdown, pb.ShutdownRequest(), timeout=10)
 
@@ -140,6 +146,7 @@ class RolloutClient:
                 yield pb.EmbeddingChunk(data=bytes(raw[i:i + CHUNK_BYTES]))
 
         reply = self._call(self._stub.PutEmbeddings, chunks())
+        self._sent_keys.add(key)
         self._remember_embedding(key, array)
         return reply.stored
 
@@ -155,6 +162,14 @@ class RolloutClient:
             self._sent_bytes -= old.nbytes
         self._sent[key] = array
         self._sent_bytes += size
+
+    def sent(self, key: str) -> bool:
+        """Whether the server was sent `key` (since it last started)."""
+        return key in self._sent_keys
+
+    def server_restarted(self) -> None:
+        """The server behind this address is a new process: it holds no embeddings."""
+        self._sent_keys.clear()
 
     def has_embeddings(self, keys: Sequence[str]) -> list[bool]:
         return list(self._call(self._stub.HasEmbeddings, pb.HasEmbeddingsRequest(keys=list(keys))).present)

@@ -1,9 +1,10 @@
 """GRPO (and relatives) on long videos, one readable step.
 
-  batch from the loader -> video rows (cache / MR-SP stage 1) -> sent to the rollout server once
-  -> G samples per prompt at the current weight version -> rewards -> old-policy and reference
-  log-probs of the identical spliced sequences (MR-SP stage 2) -> advantages -> mini-batch
-  updates -> one UpdateWeights -> metrics and checkpoint.
+  prompts from the loader -> video rows (cache / MR-SP stage 1), sent to the rollout server once
+  -> G samples per prompt at the current weight version, scored (`Rollouts`, flat)
+  -> old-policy and reference log-probs of the identical spliced sequences (MR-SP stage 2)
+  -> advantages (`algorithms.advantages`, by name) -> mini-batch updates -> one UpdateWeights
+  -> metrics, evaluation, checkpoint.
 
 The rollout's own log-probs are compared with the trainer's old-policy log-probs every step
 (`rollout/logp_mismatch`): stale or mis-mapped weights show up there at once.
@@ -19,12 +20,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from longrl_jax import evaluate as eval_lib
 from longrl_jax import metrics as metrics_lib
-from longrl_jax import sequences
+from longrl_jax.batch import SequenceBatch, build_batch, place_batch
+from longrl_jax.checkpoint import open_checkpoints
+from longrl_jax.context import RunContext, next_examples
+from longrl_jax.optim import optimizer
+from longrl_jax.parallel.logprobs import batch_logprobs
 from longrl_jax.rl import algorithms as alg
-from longrl_jax.rl import rewards as rewards_lib
-from longrl_jax.run import RunContext, next_examples, open_checkpoints, optimizer
+from longrl_jax.rl.rollouts import Rollouts, sample_and_score
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +39,13 @@ log = logging.getLogger(__name__)
 def make_logprob_fn(mesh):
     @nnx.jit
     def logprobs(model, b):
-        return sequences.response_logprobs(model, b, mesh=mesh)
+        return batch_logprobs(model, b, mesh=mesh)
     return logprobs
 
 
 def make_update_fn(mesh, c):
     def loss_fn(model, b, adv, old_logp, ref_logp):
-        logp, ent = sequences.response_logprobs(model, b, mesh=mesh)
+        logp, ent = batch_logprobs(model, b, mesh=mesh)
         mask = b["mask"]
         loss, m = alg.policy_loss(logp, old_logp, adv, mask, clip_low=c.clip_low,
                                   clip_high=c.clip_high, clip_dual=c.clip_dual or None,
@@ -68,56 +71,99 @@ def make_update_fn(mesh, c):
 # Rollout and rewards
 # ================================================================================================
 
-def rollout(ctx: RunContext, serving, prompts, step: int) -> tuple[list, list, list]:
-    """(per prompt: G samples, their texts, their scores)."""
-    c = ctx.config.rl
-    with ctx.timers("rollout"):
-        outs = serving.generate(prompts, n=c.group_size, max_tokens=c.max_response_tokens,
-                                temperature=c.temperature, top_p=c.top_p,
-                                seed=ctx.config.seed * 1_000_003 + step,
-                                stop_token_ids=ctx.tokens.stop)
-    with ctx.timers("reward"):
-        texts = [[eval_lib.decode(ctx.tokenizer, s.token_ids, ctx.tokens.stop) for s in group]
-                 for group in outs]
-        flat_scores = rewards_lib.score_batch(
-            [t for g in texts for t in g],
-            [p.example.answer for p in prompts for _ in range(c.group_size)],
-            [p.example.problem_type for p in prompts for _ in range(c.group_size)],
-            judge=ctx.judge, questions=[p.example.problem for p in prompts
-                                        for _ in range(c.group_size)])
-    g = c.group_size
-    scores = [flat_scores[i * g:(i + 1) * g] for i in range(len(prompts))]
-    return outs, texts, scores
-
-
-def collect(ctx: RunContext, serving, it, step: int):
-    """Prompts, samples and scores for one step. With dynamic sampling, groups whose rewards are
+def collect(ctx: RunContext, connection, it, step: int) -> tuple[Rollouts, dict]:
+    """The step's scored samples, G per prompt. With dynamic sampling, groups whose rewards are
     all equal are dropped and new prompts drawn, up to `max_refills` times (DAPO)."""
     c = ctx.config.rl
-    kept_p, kept_o, kept_s, tries, drawn = [], [], [], 0, 0
-    while len(kept_p) < c.prompts_per_step:
-        need = c.prompts_per_step - len(kept_p)
-        prompts = ctx.prompts(next_examples(it, need))
+    parts, groups, tries, drawn = [], 0, 0, 0
+    while groups < c.prompts_per_step:
+        prompts = ctx.prompts(next_examples(it, c.prompts_per_step - groups))
         drawn += len(prompts)
         if not prompts:
             continue
-        outs, _, scores = rollout(ctx, serving, prompts, step * 100 + tries)
-        for p, o, s in zip(prompts, outs, scores):
-            r = [x["overall"] for x in s]
-            if not c.dynamic_sampling or max(r) > min(r) or tries >= c.max_refills:
-                kept_p.append(p)
-                kept_o.append(o)
-                kept_s.append(s)
+        r = sample_and_score(connection, prompts, n=c.group_size, tokenizer=ctx.tokenizer,
+                             tokens=ctx.tokens, judge=ctx.judge, timers=ctx.timers,
+                             max_tokens=c.max_response_tokens, temperature=c.temperature,
+                             top_p=c.top_p, seed=ctx.config.seed * 1_000_003 + step * 100 + tries)
+        if c.dynamic_sampling and tries < c.max_refills:
+            keep = alg.dynamic_sampling_keep(r.metric("overall"), r.group_ids)
+            r = r.take(np.flatnonzero(np.asarray(keep)))
+        parts.append(r)
+        groups += len(np.unique(r.group_ids))
         tries += 1
-    return kept_p[:c.prompts_per_step], kept_o, kept_s, {"rollout/prompts_drawn": drawn,
-                                                        "rollout/refills": tries - 1}
+    return Rollouts.concat(parts), {"rollout/prompts_drawn": drawn, "rollout/refills": tries - 1}
+
+
+def shaped_rewards(rollouts: Rollouts, c) -> np.ndarray:
+    """[N] the score, plus DAPO's soft overlong penalty when configured."""
+    rewards = rollouts.metric("overall")
+    if c.overlong_buffer:
+        lengths = np.asarray([len(s.token_ids) for s in rollouts.samples], np.float32)
+        rewards = rewards + np.asarray(alg.overlong_penalty(
+            lengths, c.max_response_tokens, c.overlong_buffer, c.overlong_penalty))
+    return rewards
+
+
+def sequence_batch(rollouts: Rollouts, c) -> SequenceBatch:
+    responses = [np.asarray(s.token_ids[:c.max_response_tokens], np.int32)
+                 for s in rollouts.samples]
+    return build_batch(rollouts.prompts, responses, response_len=c.max_response_tokens)
+
+
+def server_logprobs(rollouts: Rollouts, shape) -> np.ndarray:
+    """[N, R] the rollout engine's log-probs of its own samples."""
+    out = np.zeros(shape, np.float32)
+    for i, s in enumerate(rollouts.samples):
+        n = min(len(s.logprobs), shape[1])
+        out[i, :n] = s.logprobs[:n]
+    return out
+
+
+# ================================================================================================
+# The update
+# ================================================================================================
+
+def minibatch_updates(ctx: RunContext, update_fn, model, opt, batch: SequenceBatch, adv,
+                      old_logp, ref_logp, step: int) -> list[dict]:
+    """`ppo_epochs` passes over the step's sequences in shuffled mini-batches, one optimizer
+    step each."""
+    c = ctx.config.rl
+    n = batch.token_ids.shape[0]
+    mb = min(c.minibatch_size, n)
+    order_rng = np.random.default_rng([ctx.config.seed, step])
+    ms = []
+    for _ in range(c.ppo_epochs):
+        order = order_rng.permutation(n)
+        for k in range(0, n - mb + 1, mb):
+            idx = np.sort(order[k:k + mb])
+            ms.append(update_fn(model, opt, place_batch(batch.take(idx), ctx.mesh, ctx.rules),
+                                jnp.asarray(adv[idx]), jnp.asarray(old_logp[idx]),
+                                jnp.asarray(ref_logp[idx])))
+    return jax.device_get(ms)
+
+
+def step_metrics(rollouts: Rollouts, rewards, mask, old_logp, roll_logp, ms, c) -> dict:
+    lengths = np.asarray([len(s.token_ids) for s in rollouts.samples], np.float32)
+    mismatch = np.abs(old_logp - roll_logp) * mask
+    out = {"reward/mean": float(rewards.mean()),
+           "reward/accuracy": float(rollouts.metric("accuracy").mean()),
+           "reward/format": float(rollouts.metric("format").mean()),
+           "response/length": float(lengths.mean()),
+           "response/clipped": float((lengths >= c.max_response_tokens).mean()),
+           "rollout/logp_mismatch": float(mismatch.sum() / max(mask.sum(), 1)),
+           "rollout/logp_mismatch_max": float(mismatch.max())}
+    for k in ms[0]:
+        out[f"actor/{k}"] = float(np.mean([m[k] for m in ms]))
+    return out
 
 
 # ================================================================================================
 # The loop
 # ================================================================================================
 
-def train(ctx: RunContext, serving) -> None:
+def train(ctx: RunContext, connection, evaluator=None) -> dict:
+    """Runs `config.rl.steps` steps (resuming from the stage's newest checkpoint); `evaluator()`
+    (an `evaluate.Evaluator`) runs every `rl.eval_every` steps and at the end."""
     c = ctx.config.rl
     model = ctx.model
     ref = nnx.clone(model)             # the SFT policy, frozen: KL anchor
@@ -125,96 +171,45 @@ def train(ctx: RunContext, serving) -> None:
     logprob_fn = make_logprob_fn(ctx.mesh)
     update_fn = make_update_fn(ctx.mesh, c)
     it = iter(ctx.loader("train", seed=ctx.config.seed + 1))
-    ckpt, step = open_checkpoints(ctx, "rl", c, model, opt, it)
-    serving.sync(model)
-    g = c.group_size
-    eval_prompts = ctx.prompts(ctx.eval_examples()) if c.eval_every else []
+    ckpt, step = open_checkpoints(ctx.path("checkpoints", "rl"), c, model, opt, it, stage="rl")
+    connection.sync(model)
+    scalars = {}
     bar = metrics_lib.progress(c.steps, desc="rl", unit="step", initial=step)
     while step < c.steps:
         # ---- rollout and rewards ----------------------------------------------------------------
-        prompts, outs, scores, info = collect(ctx, serving, it, step)
-        samples = [s for group in outs for s in group]
-        flat = [x for s in scores for x in s]
-        rewards = np.asarray([x["overall"] for x in flat], np.float32)
-        acc = np.asarray([x["accuracy"] for x in flat], np.float32)
-        fmt = np.asarray([x["format"] for x in flat], np.float32)
-        lengths = np.asarray([len(s.token_ids) for s in samples], np.float32)
-        if c.overlong_buffer:
-            rewards = rewards + np.asarray(alg.overlong_penalty(
-                lengths, c.max_response_tokens, c.overlong_buffer, c.overlong_penalty))
-        group_ids = np.repeat(np.arange(len(prompts)), g)
+        rollouts, info = collect(ctx, connection, it, step)
+        rewards = shaped_rewards(rollouts, c)
 
         # ---- old-policy and reference log-probs on the identical sequences ------------------------
         with ctx.timers("prefill"):
-            episodes = [p for p in prompts for _ in range(g)]
-            responses = [np.asarray(s.token_ids[:c.max_response_tokens], np.int32) for s in samples]
-            batch = sequences.build_batch(episodes, responses, response_len=c.max_response_tokens)
-            placed = sequences.place_batch(batch, ctx.mesh)
+            batch = sequence_batch(rollouts, c)
+            placed = place_batch(batch, ctx.mesh, ctx.rules)
             old_logp, _ = jax.device_get(logprob_fn(model, placed))
             ref_logp, _ = jax.device_get(logprob_fn(ref, placed))
-        roll_lp = np.zeros_like(old_logp)
-        for i, s in enumerate(samples):
-            n = min(len(s.logprobs), c.max_response_tokens)
-            roll_lp[i, :n] = s.logprobs[:n]
-        mask = batch.mask
-        mismatch = np.abs(old_logp - roll_lp) * mask
         if c.kl_coef and c.kl_in == "reward":
-            kl_seq = (np.asarray(alg.kl_penalty(old_logp, ref_logp, c.kl_type)) * mask).sum(-1)
-            rewards = rewards - c.kl_coef * kl_seq
+            kl = np.asarray(alg.kl_penalty(old_logp, ref_logp, c.kl_type))
+            rewards = rewards - c.kl_coef * (kl * batch.mask).sum(-1)
 
-        # ---- advantages ----------------------------------------------------------------------
-        if c.algorithm == "grpo":
-            adv = alg.grpo_advantages(rewards, group_ids)
-        elif c.algorithm == "dr_grpo":
-            adv = alg.grpo_advantages(rewards, group_ids, norm_by_std=False)
-        elif c.algorithm == "rloo":
-            adv = alg.rloo_advantages(rewards, group_ids)
-        else:  # reinforce_pp: the outcome reward on the last response token
-            tok_r = np.zeros_like(mask)
-            last = np.maximum(mask.sum(-1).astype(int) - 1, 0)
-            tok_r[np.arange(len(last)), last] = rewards
-            adv = alg.reinforce_pp_advantages(tok_r, mask, c.gamma)
-        adv = np.asarray(adv, np.float32)
-
-        # ---- mini-batch updates --------------------------------------------------------------
+        # ---- advantages and updates --------------------------------------------------------------
+        adv = np.asarray(alg.advantages(c.algorithm, rewards, rollouts.group_ids, batch.mask,
+                                        gamma=c.gamma), np.float32)
         with ctx.timers("update"):
-            b_total = len(samples)
-            mb = min(c.minibatch_size, b_total)
-            order_rng = np.random.default_rng([ctx.config.seed, step])
-            ms = []
-            for _ in range(c.ppo_epochs):
-                order = order_rng.permutation(b_total)
-                for k in range(0, b_total - mb + 1, mb):
-                    idx = np.sort(order[k:k + mb])
-                    sub = sequences.SequenceBatch(
-                        batch.token_ids[idx], batch.video_rows[idx], batch.video_table,
-                        batch.positions[idx], batch.valid[idx], batch.rows[idx],
-                        batch.targets[idx], batch.mask[idx])
-                    ms.append(update_fn(model, opt, sequences.place_batch(sub, ctx.mesh),
-                                        jnp.asarray(adv[idx]), jnp.asarray(old_logp[idx]),
-                                        jnp.asarray(ref_logp[idx])))
-            ms = jax.device_get(ms)
+            ms = minibatch_updates(ctx, update_fn, model, opt, batch, adv, old_logp, ref_logp,
+                                   step)
         with ctx.timers("weight_sync"):
-            nbytes = serving.sync(model)
+            nbytes = connection.sync(model)
         step += 1
 
-        # ---- metrics and checkpoint ------------------------------------------------------------
-        scalars = {"reward/mean": float(rewards.mean()), "reward/accuracy": float(acc.mean()),
-                   "reward/format": float(fmt.mean()), "response/length": float(lengths.mean()),
-                   "response/clipped": float((lengths >= c.max_response_tokens).mean()),
-                   "rollout/logp_mismatch": float(mismatch.sum() / max(mask.sum(), 1)),
-                   "rollout/logp_mismatch_max": float(mismatch.max()),
-                   "rollout/weight_version": float(serving.version),
-                   "weight_sync/bytes": nbytes, **info}
-        for k in ms[0]:
-            scalars[f"actor/{k}"] = float(np.mean([m[k] for m in ms]))
+        # ---- metrics, evaluation, checkpoint -------------------------------------------------------
+        scalars = step_metrics(rollouts, rewards, batch.mask, old_logp,
+                               server_logprobs(rollouts, old_logp.shape), ms, c)
+        scalars.update({"rollout/weight_version": float(connection.version),
+                        "weight_sync/bytes": nbytes, **info})
         scalars.update(ctx.timers.pop())
-        if c.eval_every and (step % c.eval_every == 0 or step == c.steps):
+        if evaluator is not None and c.eval_every and (step % c.eval_every == 0
+                                                       or step == c.steps):
             with ctx.timers("eval"):
-                res = eval_lib.evaluate(serving, eval_prompts, ctx.tokenizer, ctx.tokens,
-                                        max_tokens=ctx.config.eval.max_tokens,
-                                        temperature=ctx.config.eval.get("temperature", 0.0),
-                                        seed=ctx.config.seed)
+                res = evaluator()
             scalars.update({"eval/accuracy": res["accuracy"], "eval/format": res["format"]})
         ctx.writer.write(step, scalars, stage="rl")
         metrics_lib.postfix(bar, scalars, keys=["reward/mean", "reward/accuracy", "eval/accuracy"])
@@ -224,3 +219,4 @@ def train(ctx: RunContext, serving) -> None:
     bar.close()
     ckpt.wait()
     ckpt.close()
+    return scalars

@@ -17,8 +17,12 @@ import optax
 from flax import nnx
 
 from longrl_jax import metrics as metrics_lib
-from longrl_jax import sequences
-from longrl_jax.run import RunContext, next_examples, open_checkpoints, optimizer
+from longrl_jax.batch import build_batch, place_batch
+from longrl_jax.checkpoint import open_checkpoints
+from longrl_jax.context import RunContext, next_examples
+from longrl_jax.optim import optimizer
+from longrl_jax.parallel.logprobs import batch_logprobs
+from longrl_jax.prompts import response_ids
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +43,7 @@ def _video_table(model, b):
 
 def loss_fn(model, b, mesh):
     b = dict(b, video_table=_video_table(model, b))
-    logp, ent = sequences.response_logprobs(model, b, mesh=mesh)
+    logp, ent = batch_logprobs(model, b, mesh=mesh)
     n = jnp.maximum(b["mask"].sum(), 1.0)
     loss = -(logp * b["mask"]).sum() / n
     acc = ((logp > jnp.log(0.5)) * b["mask"]).sum() / n
@@ -63,16 +67,16 @@ def make_step(mesh):
 
 def make_batch(ctx: RunContext, prompts) -> dict:
     c = ctx.config
-    responses = [sequences.response_ids(ctx.tokenizer, p.example.sft_target(), ctx.tokens)
+    responses = [response_ids(ctx.tokenizer, p.example.sft_target(), ctx.tokens)
                  [:c.sft.max_response_tokens] for p in prompts]
-    batch = sequences.build_batch(prompts, responses, response_len=c.sft.max_response_tokens)
-    arrays = sequences.place_batch(batch, ctx.mesh)
+    batch = build_batch(prompts, responses, response_len=c.sft.max_response_tokens)
+    arrays = place_batch(batch, ctx.mesh, ctx.rules)
     if c.sft.trainable != "llm":
         seen, frames = set(), []
         for p in prompts:
             if p.video_key not in seen:
                 seen.add(p.video_key)
-                frames.append(ctx.embedder.frames(p.example.videos[0]))
+                frames.append(ctx.embedder(c.sft.num_frames).frames(p.example.videos[0]))
         arrays["frames"] = jnp.asarray(np.stack(frames))
     return arrays
 
@@ -81,21 +85,21 @@ def make_batch(ctx: RunContext, prompts) -> dict:
 # The loop
 # ================================================================================================
 
-def train(ctx: RunContext) -> None:
+def train(ctx: RunContext) -> dict:
     c = ctx.config.sft
     model = ctx.model
     opt = optimizer(model, c.optimizer, c.trainable)
     step_fn = make_step(ctx.mesh)
-    split = "sft" if ctx.config.sft.num_examples else "train"
-    loader = ctx.loader(split, seed=ctx.config.seed)
-    it = iter(loader)
-    ckpt, step = open_checkpoints(ctx, "sft", c, model, opt, it)
+    it = iter(ctx.loader("sft" if c.num_examples else "train", seed=ctx.config.seed))
+    ckpt, step = open_checkpoints(ctx.path("checkpoints", "sft"), c, model, opt, it, stage="sft")
+    scalars = {}
     bar = metrics_lib.progress(c.steps, desc="sft", unit="step", initial=step)
     while step < c.steps:
         with ctx.timers("data"):
-            prompts = ctx.prompts(next_examples(it, c.batch_size))
+            prompts = []
             while len(prompts) < c.batch_size:  # refill past skipped (undecodable) videos
-                prompts += ctx.prompts(next_examples(it, c.batch_size - len(prompts)))
+                prompts += ctx.prompts(next_examples(it, c.batch_size - len(prompts)),
+                                       num_frames=c.num_frames)
             b = make_batch(ctx, prompts)
         with ctx.timers("update"):
             aux = jax.device_get(step_fn(model, opt, b))
@@ -111,3 +115,4 @@ def train(ctx: RunContext) -> None:
     bar.close()
     ckpt.wait()
     ckpt.close()
+    return scalars

@@ -17,8 +17,9 @@ _PROTO = _HERE / "rollout.proto"
 
 
 def _compile(out_root: pathlib.Path) -> None:
-    from grpc_tools import protoc
     import importlib.resources
+
+    from grpc_tools import protoc
 
     out_pkg = out_root / "rollout_server" / "protos"
     out_pkg.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,16 @@
-"""Starts, watches and stops the rollout server for a training run.
+"""The trainer's rollout connection: one object that owns the rollout server for a run.
 
-`RolloutServerProcess(model_dir)` is a context manager: it starts `python -m rollout_server` as a
-subprocess on a free loopback port, waits for Health, and stops it on exit (Shutdown, then
-SIGTERM, then SIGKILL of its process group). The child watches its parent (`--parent-pid`) and
-stops when the trainer dies, even by SIGKILL, so a crashed run never leaves an engine holding
-memory.
-`call(fn)` runs `fn(client)`; when the server has died it restarts it, runs `on_restart(client)`
-(the trainer re-sends its weights there) and retries once. `connect(address)` wraps a server
-someone else runs, with the same interface and no process.
+`RolloutConnection(config, workdir, tokenizer_dir)` starts `python -m rollout_server` from an HF export of
+the policy (or connects to `config.rollout.address`), pushes the policy's weights as numbered
+versions (`sync`), sends each video's embedding once and asks for samples of spliced prompts
+(`generate`). The serving weight version and the embeddings the server holds are the client's
+(`RolloutClient.weight_version`, its record of sent embeddings); nothing here keeps a copy.
+
+`RolloutServerProcess(model_dir)` is the process side, a context manager: a free loopback port,
+Health polled until ready, Shutdown then SIGTERM then SIGKILL of its process group on exit. The
+child watches its parent (`--parent-pid`), so a trainer killed by SIGKILL leaves no engine
+holding memory. `call(fn)` runs `fn(client)`; when the server has died it restarts it, runs
+`on_restart(client)` (the run re-sends its weights there) and retries once.
 """
 
 from __future__ import annotations
@@ -19,13 +22,101 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Callable, Sequence
 
 import grpc
+import numpy as np
 
-from longrl_jax.rl.rollout_client import RolloutClient, RolloutError
+from longrl_jax.models import hf
+from longrl_jax.rl.rollout_client import RolloutClient, RolloutError, spliced_prompt
 
+# ================================================================================================
+# The run's connection
+# ================================================================================================
+
+class RolloutConnection:
+    """The rollout server of a run, fed the policy's weights and the videos' embeddings.
+
+    The server starts from an HF export of the current LLM (plus tokenizer) in the workdir, so it
+    serves exactly the trainer's weights from its first request; later syncs send arrays from
+    the same mapping table as the export (`hf.hf_arrays`)."""
+
+    def __init__(self, config, workdir: str, tokenizer_dir: str):
+        self.config = config
+        self.workdir = workdir
+        self.tokenizer_dir = tokenizer_dir
+        self.server: RolloutServerProcess | RemoteRolloutServer | None = None
+        self._model = None
+
+    @property
+    def client(self) -> RolloutClient:
+        return self.server.client
+
+    @property
+    def version(self) -> int:
+        """The weight version the server serves (and every sample must come from)."""
+        return self.client.weight_version
+
+    def start(self, model) -> None:
+        r = self.config.rollout
+        self._model = model
+        if r.address:
+            self.server = RemoteRolloutServer(r.address, token=r.token or None).start()
+            self.sync(model)
+            return
+        serve_dir = os.path.join(self.workdir, "serve")
+        hf.save_pretrained(model, serve_dir, dtype=np.dtype(r.dtype),
+                           tokenizer_dir=self.tokenizer_dir)
+        args = ["--max-model-len", str(r.max_model_len), "--dtype", r.dtype,
+                "--seed", str(self.config.seed)]
+        if r.block_size:
+            args += ["--block-size", str(r.block_size)]
+        env = {"VLLM_CPU_KVCACHE_SPACE": str(r.kvcache_gib)}
+        if r.cpu_threads_bind:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = r.cpu_threads_bind
+        self.server = RolloutServerProcess(
+            serve_dir, args=args, env=env, port=r.port or None,
+            log_path=os.path.join(self.workdir, "rollout_server.log"),
+            on_restart=self._resend).start()
+        self.client.read_weight_version()
+
+    def _resend(self, client: RolloutClient) -> None:
+        """After a restart: the current weights again, at the current version (the client
+        re-sends lost embeddings itself when a Generate names one)."""
+        if self._model is not None and client.weight_version:
+            client.update_weights(self._arrays(self._model), client.weight_version)
+
+    def _arrays(self, model) -> dict[str, np.ndarray]:
+        return hf.hf_arrays(model, "llm", dtype=np.dtype(self.config.rollout.dtype))
+
+    def sync(self, model) -> float:
+        """Pushes the policy's LLM weights as the next version; returns the bytes sent."""
+        self._model = model
+        arrays = self._arrays(model)
+        reply = self.server.call(lambda c: c.update_weights(arrays, c.weight_version + 1))
+        return float(reply.nbytes)
+
+    def put_videos(self, prompts) -> None:
+        for p in prompts:
+            if not self.client.sent(p.video_key):
+                self.server.call(lambda c, p=p: c.put_embeddings(p.video_key, p.video))
+
+    def generate(self, prompts, **kw):
+        """Per prompt, the `Sample`s of the current weight version (stale ones are refused)."""
+        self.put_videos(prompts)
+        segs = [spliced_prompt(p.layout, p.video_key) for p in prompts]
+        return self.server.call(lambda c: c.generate(segs, min_weight_version=c.weight_version,
+                                                     **kw))
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+# ================================================================================================
+# The server process
+# ================================================================================================
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -102,6 +193,7 @@ class RolloutServerProcess:
         self._kill()
         version = self.client.weight_version if self.client else 0
         self.start()
+        self.client.server_restarted()
         if self.on_restart is not None:
             self.on_restart(self.client)
         elif version:
@@ -172,8 +264,7 @@ class RolloutServerProcess:
 class RemoteRolloutServer:
     """A server started elsewhere: same interface as RolloutServerProcess, nothing to restart."""
 
-    def __init__(self, address: str, *, token: str | None = None, start_timeout_s: float = 300.0,
-                 on_restart=None):
+    def __init__(self, address: str, *, token: str | None = None, start_timeout_s: float = 300.0):
         self.address = address
         self.client = RolloutClient(address, token)
         self.start_timeout_s = start_timeout_s
@@ -193,7 +284,3 @@ class RemoteRolloutServer:
 
     def __exit__(self, *exc):
         self.stop()
-
-
-def connect(address: str, **kw) -> RemoteRolloutServer:
-    return RemoteRolloutServer(address, **kw)

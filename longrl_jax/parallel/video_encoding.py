@@ -14,7 +14,8 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from longrl_jax.models.vlm import VLM
 from longrl_jax.parallel import mesh as mesh_lib

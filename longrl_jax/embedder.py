@@ -11,8 +11,8 @@ import logging
 import numpy as np
 
 from longrl_jax.data.embed_cache import EmbedCache, weights_fingerprint
-from longrl_jax.data.video import Sampling, VideoError, load_frames
-from longrl_jax.parallel import video as video_lib
+from longrl_jax.data.frames import Sampling, VideoError, load_frames
+from longrl_jax.parallel import video_encoding as video_lib
 
 log = logging.getLogger(__name__)
 
@@ -26,17 +26,31 @@ def sampling_of(config, image_size: int, num_frames: int = 0) -> Sampling:
 
 
 class VideoEmbedder:
-    def __init__(self, model, mesh, config, cache_dir: str, rules, num_frames: int = 0):
+    """A video path -> (cache key, its rows [F, tokens_per_frame, D]): decoded once, encoded by
+    MR-SP stage 1, stored in the on-disk cache. It is the one record of the videos that could not
+    be used (`failed`, path -> reason): a failed video is never decoded twice and never replaced
+    by another. With `keep_in_memory` (training), rows already seen are served from memory."""
+
+    def __init__(self, model, mesh, sampling: Sampling, cache_dir: str, *, rules,
+                 frames_per_chunk: int, decode_batch: int, keep_in_memory: bool = True):
         self.model = model
         self.mesh = mesh
         self.rules = rules
-        self.frames_per_chunk = config.sp.frames_per_chunk
-        self.decode_batch = config.data.decode_batch
-        self.sampling = sampling_of(config, model.cfg.vision.image_size, num_frames)
+        self.frames_per_chunk = frames_per_chunk
+        self.decode_batch = decode_batch
+        self.sampling = sampling
         self.cache = EmbedCache(cache_dir, weights_fingerprint(model))
+        self.keep_in_memory = keep_in_memory
         self._memory: dict[str, tuple[str, np.ndarray]] = {}
         self.computed = self.cached = 0
         self.failed: dict[str, str] = {}
+
+    @classmethod
+    def from_config(cls, model, mesh, config, cache_dir: str, rules, *, num_frames: int = 0,
+                    keep_in_memory: bool = True) -> "VideoEmbedder":
+        return cls(model, mesh, sampling_of(config, model.cfg.vision.image_size, num_frames),
+                   cache_dir, rules=rules, frames_per_chunk=config.sp.frames_per_chunk,
+                   decode_batch=config.data.decode_batch, keep_in_memory=keep_in_memory)
 
     def __call__(self, path: str) -> tuple[str, np.ndarray]:
         """(key, [F, tokens_per_frame, D] float32); raises VideoError for an unusable video."""
@@ -60,9 +74,10 @@ class VideoEmbedder:
             raise
         self.computed += how == "computed"
         self.cached += how == "cached"
-        key = self.cache.key(path, self.sampling)[0]
-        self._memory[path] = (key, np.asarray(embeds, np.float32))
-        return self._memory[path]
+        out = (self.cache.key(path, self.sampling)[0], np.asarray(embeds, np.float32))
+        if self.keep_in_memory:
+            self._memory[path] = out
+        return out
 
     def frames(self, path: str) -> np.ndarray:
         return load_frames(path, self.sampling, batch_frames=self.decode_batch)[0]

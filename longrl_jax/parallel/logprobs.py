@@ -1,8 +1,10 @@
-"""Policy / reference prefill: log-probs of the response tokens only.
+"""MR-SP stage 2: log-probs of the response tokens only, with the sequence sharded.
 
 The LM head and log-softmax run on the [B, R, D] hidden states of the positions that predict
 response tokens, pulled from the sequence shards that hold them, never on the [B, T, V] logits
-of a sequence that is mostly video.
+of a sequence that is mostly video. Two front doors: `batch_logprobs` for a placed
+`batch.SequenceBatch` (the trainers), `response_logprobs` for a `ShardedSequence` from
+`sequence.pad_and_shard` (benches, tests).
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from longrl_jax.models.qwen2 import Qwen2ForCausalLM, token_logprobs
+from longrl_jax.parallel.mesh import batch_axes
 from longrl_jax.parallel.sequence import ShardedSequence, gather_rows
 
 
@@ -65,4 +70,22 @@ def full_logprobs(llm: Qwen2ForCausalLM, embeds_btd, response_positions_br, targ
     return token_logprobs(picked, jnp.asarray(targets_br))
 
 
-__all__ = ["full_logprobs", "predicting_positions", "response_logprobs"]
+def batch_logprobs(model, b: dict, *, mesh) -> tuple[jax.Array, jax.Array]:
+    """(log p, entropy) [B, R] of the response tokens of a placed `SequenceBatch` (`b`, from
+    `batch.place_batch`); runs inside jit."""
+    x = model.splice(b["token_ids"], b["video_rows"], b["video_table"])
+    sp = mesh.shape["sequence"]
+    if sp > 1:
+        bax = batch_axes(mesh, x.shape[0])
+        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(bax, "sequence", None)))
+    h = model.llm.hidden_states(inputs_embeds_btd=x, positions_bt=b["positions"],
+                                attention_mask_bt=b["valid"])
+    if sp > 1:
+        h_r = gather_rows(h, b["rows"], mesh=mesh)
+    else:
+        h_r = jnp.take_along_axis(h, b["rows"][..., None], axis=1)
+    return head_logprobs(model.llm, h_r, b["targets"])
+
+
+__all__ = ["batch_logprobs", "full_logprobs", "head_logprobs", "predicting_positions",
+           "response_logprobs"]

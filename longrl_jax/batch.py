@@ -1,0 +1,106 @@
+"""Host batches of (prompt + video + response) sequences, and their placement on the mesh.
+
+The same `SequenceBatch` feeds the SFT step, the old-policy and reference log-prob passes and the
+policy update: rows are whole sequences, the video rows are stored once per distinct video in
+`video_table` and spliced on the device (`VLM.splice`) at the rows the prompt's layout names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from longrl_jax.parallel import mesh as mesh_lib
+from longrl_jax.prompts import Prompt
+
+
+@dataclasses.dataclass
+class SequenceBatch:
+    token_ids: np.ndarray       # [B, T] text ids (0 at video rows and padding)
+    video_rows: np.ndarray      # [B, T] row of `video_table`, -1 for text
+    video_table: np.ndarray     # [N, D] the batch's video rows, concatenated
+    positions: np.ndarray       # [B, T]
+    valid: np.ndarray           # [B, T] False at padding
+    rows: np.ndarray            # [B, R] position whose hidden state predicts response token r
+    targets: np.ndarray         # [B, R] response tokens
+    mask: np.ndarray            # [B, R] 1.0 for real response tokens
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return dataclasses.asdict(self)
+
+    def take(self, idx: np.ndarray) -> "SequenceBatch":
+        """The sequences `idx` (a mini-batch); the video table is shared, not copied."""
+        per_row = {k: v[idx] for k, v in self.arrays().items() if k != "video_table"}
+        return SequenceBatch(video_table=self.video_table, **per_row)
+
+
+def _round_up(x: int, m: int) -> int:
+    return max(m, -(-x // m) * m)
+
+
+def build_batch(prompts: Sequence[Prompt], responses: Sequence[np.ndarray], *,
+                length_multiple: int = 64, response_len: int | None = None,
+                table_multiple: int = 256) -> SequenceBatch:
+    """One row per (prompt, response) pair; prompts repeat for the G samples of a group (their
+    video rows are stored once per distinct key)."""
+    if len(prompts) != len(responses):
+        raise ValueError("one response per prompt")
+    b = len(prompts)
+    lengths = [p.layout.length + len(r) for p, r in zip(prompts, responses)]
+    t = _round_up(max(lengths), length_multiple)
+    r_len = response_len or _round_up(max(len(r) for r in responses), 8)
+    if max(len(r) for r in responses) > r_len:
+        raise ValueError(f"a response has {max(len(r) for r in responses)} tokens > {r_len}")
+    offsets, tables, n = {}, [], 0
+    for p in prompts:
+        if p.video_key not in offsets:
+            offsets[p.video_key] = n
+            tables.append(p.video)
+            n += p.video.shape[0]
+    d = tables[0].shape[1]
+    table = np.zeros((_round_up(n, table_multiple), d), np.float32)
+    table[:n] = np.concatenate(tables)
+    tok = np.zeros((b, t), np.int32)
+    vrows = np.full((b, t), -1, np.int32)
+    valid = np.zeros((b, t), bool)
+    rows = np.zeros((b, r_len), np.int32)
+    targets = np.zeros((b, r_len), np.int32)
+    mask = np.zeros((b, r_len), np.float32)
+    for i, (p, resp) in enumerate(zip(prompts, responses)):
+        lp, lr = p.layout.length, len(resp)
+        tok[i, :lp] = p.layout.token_ids
+        tok[i, lp:lp + lr] = resp
+        vr = p.layout.video_rows
+        vrows[i, :lp] = np.where(vr >= 0, vr + offsets[p.video_key], -1)
+        valid[i, :lp + lr] = True
+        rows[i, :lr] = np.arange(lp - 1, lp + lr - 1)
+        targets[i, :lr] = resp
+        mask[i, :lr] = 1.0
+    positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()
+    return SequenceBatch(tok, vrows, table, positions, valid, rows, targets, mask)
+
+
+_SEQUENCE_FIELDS = ("token_ids", "video_rows", "positions", "valid")
+
+
+def place_batch(batch: SequenceBatch, mesh, rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES
+                ) -> dict[str, jax.Array]:
+    """Rows over the 'batch' rule's mesh axes; the sequence dimension over 'sequence'; the video
+    table replicated."""
+    seq = "sequence" if mesh.shape["sequence"] > 1 else None
+    bax = mesh_lib.batch_axes(mesh, batch.token_ids.shape[0], rules)
+    out = {}
+    for name, a in batch.arrays().items():
+        if name == "video_table":
+            spec = P()
+        elif name in _SEQUENCE_FIELDS:
+            spec = P(bax, seq)
+        else:
+            spec = P(bax, None)
+        out[name] = jax.device_put(a, NamedSharding(mesh, spec))
+    return out

@@ -1,0 +1,43 @@
+"""The optimizer of a training stage: AdamW with global-norm clipping and linear warmup, over
+the parameters the stage trains."""
+
+from __future__ import annotations
+
+import jax
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+TRAINABLE = {"llm": ("llm",), "llm+projector": ("llm", "mm_projector"),
+             "all": ("llm", "mm_projector", "vision_tower")}
+
+
+def optimizer(model, opt_cfg, trainable: str) -> nnx.Optimizer:
+    """AdamW with global-norm clipping and linear warmup (Long-RL: constant lr after warmup)."""
+    sched = optax.join_schedules(
+        [optax.linear_schedule(0.0, opt_cfg.lr, max(opt_cfg.warmup_steps, 1)),
+         optax.constant_schedule(opt_cfg.lr)], [max(opt_cfg.warmup_steps, 1)])
+    tx = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip),
+                     optax.adamw(sched, b1=opt_cfg.b1, b2=opt_cfg.b2,
+                                 weight_decay=opt_cfg.weight_decay))
+    opt = nnx.Optimizer(model, tx, wrt=trainable_filter(trainable))
+    _onto_model_mesh(opt, model)
+    return opt
+
+
+def _onto_model_mesh(opt: nnx.Optimizer, model) -> None:
+    """optax creates the step counts on the default device, and the first step returns them on
+    the mesh: the second step would compile again. Put them there from the start."""
+    meshes = [x.sharding.mesh for x in jax.tree.leaves(nnx.state(model, nnx.Param))
+              if isinstance(x.sharding, NamedSharding)]
+    if not meshes:
+        return
+    replicated = NamedSharding(meshes[0], PartitionSpec())
+
+    def put(x):
+        return x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated)
+    nnx.update(opt, jax.tree.map(put, nnx.state(opt)))
+
+
+def trainable_filter(trainable: str):
+    return nnx.All(nnx.Param, nnx.Any(*[nnx.PathContains(p) for p in TRAINABLE[trainable]]))
