@@ -31,6 +31,22 @@ def validate(c) -> list[str]:
 
     bad = [s for s in c.stages if s not in STAGES]
     need(not bad, "stages", f"unknown stage(s) {bad}; choose from {STAGES}")
+    _check_data(c, need)
+    _check_model(c, need)
+    if "sft" in c.stages:
+        _check_sft(c.sft, need)
+    if "rl" in c.stages:
+        _check_rl(c.rl, need)
+        need(c.rl.max_response_tokens < c.rollout.max_model_len, "rollout.max_model_len",
+             "must exceed rl.max_response_tokens plus the prompt")
+    if {"rl", "eval"} & set(c.stages):
+        need(c.rollout.dtype in ("float32", "bfloat16", "float16"), "rollout.dtype",
+             "float32, bfloat16 or float16")
+        need(c.eval.max_tokens > 0, "eval.max_tokens", "must be positive")
+    return errs
+
+
+def _check_data(c, need) -> None:
     need(c.dataset.kind in DATASET_KINDS, "dataset.kind", " or ".join(DATASET_KINDS))
     if c.dataset.kind == "jsonl":
         for f in ("train", "eval", "video_dir", "tokenizer"):
@@ -45,49 +61,47 @@ def validate(c) -> list[str]:
              "dataset.synthetic.distractors", "False needs dataset.synthetic.options='ordered'")
         need(s.traces in TRACES and (s.traces == "frames" or s.options == "ordered"),
              "dataset.synthetic.traces", "'frames', or 'brief' with options='ordered'")
-    need(c.model.init_std > 0, "model.init_std", "must be positive")
-    need(c.model.attention in ATTENTION, "model.attention", " or ".join(ATTENTION))
     need((c.data.num_frames is None) != (c.data.fps is None), "data.num_frames",
          "set exactly one of data.num_frames and data.fps")
+
+
+def _check_model(c, need) -> None:
+    need(c.model.init_std > 0, "model.init_std", "must be positive")
+    need(c.model.attention in ATTENTION, "model.attention", " or ".join(ATTENTION))
     need(c.sp.strategy in SP_STRATEGIES, "sp.strategy",
          f"unknown SP strategy {c.sp.strategy!r}; choose from {SP_STRATEGIES}")
     if c.mesh.sequence != 1:
         need(c.sp.layout == "contiguous", "sp.layout",
              "the trainers feed contiguous sequences (ring attention balances them itself)")
-    if "sft" in c.stages:
-        s = c.sft
-        need(s.steps >= 0, "sft.steps", "must be >= 0")
-        need(s.batch_size > 0, "sft.batch_size", "must be positive")
-        need(s.max_response_tokens > 0, "sft.max_response_tokens", "must be positive")
-        need(s.trainable in TRAINABLE, "sft.trainable", f"one of {TRAINABLE_PARTS}")
-        need(s.num_frames >= 0, "sft.num_frames", "must be >= 0 (0: data.num_frames)")
-        need(s.optimizer.lr > 0, "sft.optimizer.lr", "must be positive")
-        need(s.checkpoint_every > 0, "sft.checkpoint_every", "must be positive")
-    if "rl" in c.stages:
-        r = c.rl
-        need(r.algorithm in ALGORITHMS, "rl.algorithm", f"one of {ALGORITHMS}")
-        need(r.steps >= 0, "rl.steps", "must be >= 0")
-        need(r.prompts_per_step > 0, "rl.prompts_per_step", "must be positive")
-        need(r.group_size >= 2, "rl.group_size", "GRPO needs at least 2 samples per prompt")
-        need(r.max_response_tokens > 0, "rl.max_response_tokens", "must be positive")
-        need(0 < r.top_p <= 1, "rl.top_p", "must be in (0, 1]")
-        need(r.temperature > 0, "rl.temperature", "must be positive for sampling")
-        need(r.clip_low > 0 and r.clip_high > 0, "rl.clip_low", "clip ranges must be positive")
-        need(not r.clip_dual or r.clip_dual > 1, "rl.clip_dual", "must be > 1 (or 0: off)")
-        need(r.loss_agg in AGGS, "rl.loss_agg", f"one of {AGGS}")
-        need(r.kl_type in KL_TYPES, "rl.kl_type", f"one of {KL_TYPES}")
-        need(r.kl_in in ("loss", "reward"), "rl.kl_in", "loss or reward")
-        need(r.kl_coef >= 0, "rl.kl_coef", "must be >= 0")
-        total = r.prompts_per_step * r.group_size
-        need(0 < r.minibatch_size <= total and total % r.minibatch_size == 0,
-             "rl.minibatch_size", f"must divide prompts_per_step * group_size = {total}")
-        need(r.ppo_epochs >= 1, "rl.ppo_epochs", "must be >= 1")
-        need(r.optimizer.lr > 0, "rl.optimizer.lr", "must be positive")
-        need(r.checkpoint_every > 0, "rl.checkpoint_every", "must be positive")
-        need(r.max_response_tokens < c.rollout.max_model_len, "rollout.max_model_len",
-             "must exceed rl.max_response_tokens plus the prompt")
-    if {"rl", "eval"} & set(c.stages):
-        need(c.rollout.dtype in ("float32", "bfloat16", "float16"), "rollout.dtype",
-             "float32, bfloat16 or float16")
-        need(c.eval.max_tokens > 0, "eval.max_tokens", "must be positive")
-    return errs
+
+
+def _check_sft(s, need) -> None:
+    need(s.steps >= 0, "sft.steps", "must be >= 0")
+    need(s.batch_size > 0, "sft.batch_size", "must be positive")
+    need(s.max_response_tokens > 0, "sft.max_response_tokens", "must be positive")
+    need(s.trainable in TRAINABLE, "sft.trainable", f"one of {TRAINABLE_PARTS}")
+    need(s.num_frames >= 0, "sft.num_frames", "must be >= 0 (0: data.num_frames)")
+    need(s.optimizer.lr > 0, "sft.optimizer.lr", "must be positive")
+    need(s.checkpoint_every > 0, "sft.checkpoint_every", "must be positive")
+
+
+def _check_rl(r, need) -> None:
+    need(r.algorithm in ALGORITHMS, "rl.algorithm", f"one of {ALGORITHMS}")
+    need(r.steps >= 0, "rl.steps", "must be >= 0")
+    need(r.prompts_per_step > 0, "rl.prompts_per_step", "must be positive")
+    need(r.group_size >= 2, "rl.group_size", "GRPO needs at least 2 samples per prompt")
+    need(r.max_response_tokens > 0, "rl.max_response_tokens", "must be positive")
+    need(0 < r.top_p <= 1, "rl.top_p", "must be in (0, 1]")
+    need(r.temperature > 0, "rl.temperature", "must be positive for sampling")
+    need(r.clip_low > 0 and r.clip_high > 0, "rl.clip_low", "clip ranges must be positive")
+    need(not r.clip_dual or r.clip_dual > 1, "rl.clip_dual", "must be > 1 (or 0: off)")
+    need(r.loss_agg in AGGS, "rl.loss_agg", f"one of {AGGS}")
+    need(r.kl_type in KL_TYPES, "rl.kl_type", f"one of {KL_TYPES}")
+    need(r.kl_in in ("loss", "reward"), "rl.kl_in", "loss or reward")
+    need(r.kl_coef >= 0, "rl.kl_coef", "must be >= 0")
+    total = r.prompts_per_step * r.group_size
+    need(0 < r.minibatch_size <= total and total % r.minibatch_size == 0,
+         "rl.minibatch_size", f"must divide prompts_per_step * group_size = {total}")
+    need(r.ppo_epochs >= 1, "rl.ppo_epochs", "must be >= 1")
+    need(r.optimizer.lr > 0, "rl.optimizer.lr", "must be positive")
+    need(r.checkpoint_every > 0, "rl.checkpoint_every", "must be positive")

@@ -17,6 +17,10 @@ from longrl_jax.models.splice import splice_embeddings
 
 
 class VLM(nnx.Module):
+    """The one model object every stage and tool holds: `llm` always, `vision_tower` and
+    `mm_projector` when the checkpoint has them. Trainers reach the language model as
+    `model.llm`, encode frames with `encode_video` and build inputs with `splice`, so no
+    caller branches on what the checkpoint contains."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, remat: bool = False, scan_layers: bool = False):
