@@ -82,8 +82,9 @@ def extract_given_answer(response: str, *, cut_at_period: bool = False) -> str:
 
 @functools.lru_cache(maxsize=1 << 16)
 def _grade(given: str, truth: str) -> bool:
-    """mathruler's grade_answer, memoised: a wrong letter goes through sympy (~20 ms), and a
-    multiple-choice batch asks the same few pairs again and again."""
+    """mathruler's grade_answer, memoised: a wrong letter goes through sympy, which is slow
+    (measured in bench/RESULTS.md, "The demo's RL step"), and a multiple-choice batch asks the
+    same few pairs again and again."""
     return grade_answer(given, truth)
 
 
