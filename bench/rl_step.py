@@ -4,9 +4,9 @@
   python bench/rl_step.py --out bench/results/rl_step.json          # small preset, 8..128 frames
   python bench/rl_step.py --preset tiny --frames 16 64 --modes none none-G stage1 --out ...
 
-The paper's protocol (REFERENCE.md, "MR-SP"): 8 devices, one prompt per device, G = 5 rollouts
-per prompt, SP degree 4. One step here is what the trainer (`rl/trainer.py`) does on device after
-the rollouts are back, in three modes:
+The paper's protocol (docs/REFERENCE.md, "MR-SP protocol"): 8 devices, one prompt per device,
+G = 5 rollouts per prompt, SP degree 4. One step here is what the trainer (`rl/trainer.py`) does
+on device after the rollouts are back, in three modes:
 
   none      no MR-SP: every pass (old-policy log-probs, reference log-probs, update) re-encodes
             each prompt's video with the vision tower inside the jitted pass, each device
@@ -14,7 +14,8 @@ the rollouts are back, in three modes:
             parallelism (mesh fsdp = all devices, sequence = 1; dense attention).
   none-G    (optional, `--modes`) as `none`, but every rollout re-encodes its video: 3 x G
             encodes per video per step, what a per-sample pipeline without an embedding cache
-            pays (REFERENCE.md does not say which of the two Long-RL's baseline does).
+            pays (docs/REFERENCE.md, "MR-SP protocol": the paper does not say which of the
+            two Long-RL's baseline does).
   stage1    MR-SP stage 1: each video encoded once, its frames sharded over all devices
             (`encode_video_sharded`), the rows taken to the host as the trainer's embedder does,
             and reused by the three passes; no sequence parallelism.

@@ -87,7 +87,8 @@ def sft_config(steps: int, batch_size: int, lr: float, *, num_examples: int = 0,
 
 
 def rl_config(steps: int, prompts_per_step: int, group_size: int, lr: float, **kw):
-    """GRPO and relatives; defaults are Long-RL's examples/config.yaml (docs/REFERENCE.md)."""
+    """GRPO and relatives; defaults are Long-RL's examples/config.yaml
+    (docs/REFERENCE.md, "GRPO defaults")."""
     c = ml_collections.ConfigDict(dict(
         algorithm="grpo",            # grpo | dr_grpo | rloo | reinforce_pp
         steps=steps, prompts_per_step=prompts_per_step, group_size=group_size,

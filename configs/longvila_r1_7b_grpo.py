@@ -1,4 +1,5 @@
-"""GRPO on LongVILA-R1-7B with Long-RL's defaults (docs/REFERENCE.md), 256 frames per video.
+"""GRPO on LongVILA-R1-7B with Long-RL's defaults, 256 frames per video
+(docs/REFERENCE.md, "GRPO defaults").
 
   python -m longrl_jax.main --config=configs/longvila_r1_7b_grpo.py \
       --workdir=runs/longvila_r1_7b_grpo \

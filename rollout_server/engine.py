@@ -161,9 +161,9 @@ class Engine:
         if current_platform.is_cpu():
             # vLLM's CPU workers hold every core with OpenMP threads bound to them. This process's
             # own torch ops (splicing prompt embeddings, the finite check of updates) are small,
-            # and with more than one thread they wait in OpenMP barriers for a core: on the loaded
-            # 2-core machine a 0.3 ms splice of 16 prompts took up to 300 ms (p90 9-17 ms) with 2
-            # threads, under 0.5 ms (p90) with 1; the finite check ran 0.24 s/GB against 0.36.
+            # and with more than one thread they wait in OpenMP barriers for a core, stalling far
+            # longer than they run (measured in bench/RESULTS.md, "Measurements moved from
+            # docstrings").
             torch.set_num_threads(1)
         self.block_size = int(getattr(self.llm.llm_engine.vllm_config.cache_config,
                                       "block_size", 0) or 0)

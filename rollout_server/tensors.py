@@ -57,8 +57,8 @@ def all_finite(t: torch.Tensor, chunk: int = 1 << 24) -> bool:
     """NaN/Inf check: a chunk is finite iff its min and max are (`aminmax` propagates NaN).
 
     One read of the bytes and no temporaries, so a multi-GB update never makes a full-size boolean
-    copy; on CPU ~10x faster than `isfinite(...).all()` (bf16 weights from a /dev/shm file: ~0.15
-    s/GB against 1.4-3.6 s/GB)."""
+    copy, as `isfinite(...).all()` does before its second pass; much faster on CPU (measured in
+    bench/RESULTS.md, "Rollout server: weight sync")."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
     flat = t.reshape(-1)

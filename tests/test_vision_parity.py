@@ -55,7 +55,8 @@ def test_siglip_hidden_states_match(tower_pair):
 
 
 def numpy_projector(x, ln_w, ln_b, w1, b1, w2, b2, eps=1e-5):
-    """The REFERENCE.md formula written out in NumPy with explicit loops over 2x2 blocks."""
+    """The formula of docs/REFERENCE.md, "Projector formula (mlp_downsample_2x2_fix)", written
+    out in NumPy with explicit loops over 2x2 blocks."""
     f, n, dv = x.shape
     g = int(round(n ** 0.5))
     grid = x.reshape(f, g, g, dv)

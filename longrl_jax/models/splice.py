@@ -4,7 +4,14 @@ A prompt's token ids hold one placeholder id per video. Each placeholder expands
 frames, `tokens_per_frame` embedding rows each, followed by one separator token (the "\\n" id) per
 frame. The layout is plain NumPy (the rollout side imports no JAX): `token_ids` holds the text and
 separator ids (0 at video rows), `video_rows` the row of the concatenated video embeddings for
-video positions and -1 elsewhere. Splicing is then one `where`, identical on both sides.
+video positions and -1 elsewhere.
+
+The layout is computed once, here, and both sides follow it, so they condition on the same
+sequence; they do not splice with the same code. The trainer splices on the device
+(`VLM.splice`: `splice_embeddings`, one `where` over the whole sequence). The rollout server
+receives `SpliceLayout.segments()` (runs of token ids and ranges of video rows, sent by
+`rl/rollout_client.py`) and concatenates, in segment order, the embeddings of each run's token
+ids and the stored video rows of each range (`rollout_server/service.py`).
 """
 
 from __future__ import annotations

@@ -62,14 +62,16 @@ def extract_given_answer(response: str, *, cut_at_period: bool = False) -> str:
     `<answer>` group, stripped; with no such group, the original response stripped (spaces kept,
     as r1v does).
 
-    The original r1v.py does NOT cut at the first ".": `<answer> B. explanation </answer>`
-    becomes "B.explanation", which mathruler does not equal to "B" (accuracy 0). Decimals are
-    therefore safe there: "3.5" stays "3.5".
+    By default nothing is cut, as in the July 2025 snapshot of Long-RL's r1v.py:
+    `<answer> B. explanation </answer>` becomes "B.explanation", which mathruler does not equal
+    to "B" (accuracy 0), and decimals stay whole ("3.5" stays "3.5"). The trainer uses this
+    default.
 
-    `cut_at_period=True` is the rule our REFERENCE.md describes (not in Long-RL's code): cut at
-    the first "." so "B.explanation" -> "B". Cutting literally at the first "." would turn "3.5"
-    into "3", scoring it right against ground truth "3" and wrong against "3.5"; so the cut skips
-    a "." followed by a digit: "3.5" and ".5" stay whole, "3.5.Because" -> "3.5", "B." -> "B".
+    `cut_at_period=True` follows Long-RL's newest r1v.py (since its commit 16f5e31), which keeps
+    the answer up to its first ".", so "B.explanation" -> "B" (docs/REFERENCE.md, "Rule reward
+    (r1v)"). Cutting literally at the first "." would turn "3.5" into "3", scoring it right
+    against ground truth "3" and wrong against "3.5"; so the cut skips a "." followed by a digit:
+    "3.5" and ".5" stay whole, "3.5.Because" -> "3.5", "B." -> "B".
     """
     m = _ANSWER.search(response.replace("\n", "").replace(" ", ""))
     given = m.group(1).strip() if m else response.strip()
@@ -80,8 +82,9 @@ def extract_given_answer(response: str, *, cut_at_period: bool = False) -> str:
 
 @functools.lru_cache(maxsize=1 << 16)
 def _grade(given: str, truth: str) -> bool:
-    """mathruler's grade_answer, memoised: a wrong letter goes through sympy (~20 ms), and a
-    multiple-choice batch asks the same few pairs again and again."""
+    """mathruler's grade_answer, memoised: a wrong letter goes through sympy, which is slow
+    (measured in bench/RESULTS.md, "The demo's RL step"), and a multiple-choice batch asks the
+    same few pairs again and again."""
     return grade_answer(given, truth)
 
 
