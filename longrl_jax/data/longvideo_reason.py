@@ -9,8 +9,10 @@ of paths relative to the video dir), optional `reasoning`, `problem_type`, `data
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import io
 import json
 import logging
 import os
@@ -197,7 +199,11 @@ def build_array_records(data_dir: str, splits: dict[str, str], video_dir: str) -
     """Writes `data_dir/long_video_reason/1.0.0/*.array_record`; returns the per-split report."""
     builder = _builder_class()(splits=splits, video_dir=video_dir, data_dir=data_dir,
                                file_format="array_record")
-    builder.download_and_prepare()
+    # TFDS prints its "Downloading and preparing dataset ..." lines; they belong in the log.
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        builder.download_and_prepare()
+    for line in printed.getvalue().splitlines():
+        log.info("tfds: %s", line)
     with open(os.path.join(builder.data_dir, "report.json"), "w") as f:
         json.dump({k: v.to_dict() for k, v in builder.report.items()}, f, indent=1)
     return {k: v.to_dict() for k, v in builder.report.items()}
