@@ -14,9 +14,11 @@ TRAINABLE = {"llm": ("llm",), "llm+projector": ("llm", "mm_projector"),
 
 def optimizer(model, opt_cfg, trainable: str) -> nnx.Optimizer:
     """AdamW with global-norm clipping and linear warmup (Long-RL: constant lr after warmup)."""
-    sched = optax.join_schedules(
-        [optax.linear_schedule(0.0, opt_cfg.lr, max(opt_cfg.warmup_steps, 1)),
-         optax.constant_schedule(opt_cfg.lr)], [max(opt_cfg.warmup_steps, 1)])
+    sched = optax.constant_schedule(opt_cfg.lr)
+    if opt_cfg.warmup_steps > 0:   # (a 0-step warmup would make the first step's lr 0)
+        sched = optax.join_schedules(
+            [optax.linear_schedule(0.0, opt_cfg.lr, opt_cfg.warmup_steps), sched],
+            [opt_cfg.warmup_steps])
     tx = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip),
                      optax.adamw(sched, b1=opt_cfg.b1, b2=opt_cfg.b2,
                                  weight_decay=opt_cfg.weight_decay))
