@@ -226,8 +226,10 @@ class Stepper:
         mark = time.perf_counter()
         adv = np.random.default_rng(0).standard_normal(old_logp.shape[0]).astype(np.float32)
         adv = np.broadcast_to(adv[:, None], old_logp.shape)
-        m = self.update_fn(self.model, self.opt, placed, jnp.asarray(adv),
-                           jnp.asarray(old_logp), jnp.asarray(ref_logp))
+        micro = batch_lib.place_micro_batches(
+            dict(batch.row_arrays(), adv=np.ascontiguousarray(adv), old_logp=old_logp,
+                 ref_logp=ref_logp), 1, self.mesh)
+        m = self.update_fn(self.model, self.opt, micro, placed["video_table"])
         m = jax.device_get(m)
         t["update_s"] = time.perf_counter() - mark
         t["seconds"] = time.perf_counter() - start

@@ -202,16 +202,18 @@ def bench_preset(args, spec: str, attention: str, peak: float) -> list[dict]:
     rows = []
     for t in args.seq_len:
         batch, frames = make_batch(cfg, t, args.batch, args.response_len)
-        placed = batch_lib.place_batch(batch, mesh)
+        table = batch_lib.place_table(batch.video_table, mesh)
         shape = batch.targets.shape
         rng = np.random.default_rng(1)
-        adv = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
-        old = jnp.asarray(-rng.random(shape).astype(np.float32))
-        ref = jnp.asarray(-rng.random(shape).astype(np.float32))
+        micro = batch_lib.place_micro_batches(batch.row_arrays(), 1, mesh)
+        micro_rl = batch_lib.place_micro_batches(dict(
+            batch.row_arrays(), adv=rng.standard_normal(shape).astype(np.float32),
+            old_logp=-rng.random(shape).astype(np.float32),
+            ref_logp=-rng.random(shape).astype(np.float32)), 1, mesh)
         fl = forward_flops(cfg.llm, t, args.response_len)
         step_flops = 3 * fl["total"] * args.batch
-        steps = {"sft": functools.partial(sft_step, model, opt, placed),
-                 "rl_update": functools.partial(update, model, opt, placed, adv, old, ref)}
+        steps = {"sft": functools.partial(sft_step, model, opt, micro, {"video_table": table}),
+                 "rl_update": functools.partial(update, model, opt, micro_rl, table)}
         for name in args.steps:
             sec, compile_s, times = timed(steps[name], args.repeats)
             row = {"step": name, "preset": spec, "layers": cfg.llm.num_layers,

@@ -74,13 +74,16 @@ def jsonl_dataset(train: str, eval: str, video_dir: str, tokenizer: str):
 
 def sft_config(steps: int, batch_size: int, lr: float, *, num_examples: int = 0,
                max_response_tokens: int = 2048, trainable: str = "llm", warmup_steps: int = 0,
-               checkpoint_every: int = 100, keep_checkpoints: int = 2, num_frames: int = 0):
+               checkpoint_every: int = 100, keep_checkpoints: int = 2, num_frames: int = 0,
+               micro_batch_size: int = 0):
     """CoT-SFT. `num_examples` > 0 trains on the first N training rows only; `trainable` is
     "llm", "llm+projector" or "all" (the vision tower too); `num_frames` > 0 samples that many
     frames per video for SFT instead of `data.num_frames` (short clips first, long videos in RL
-    and evaluation)."""
+    and evaluation). `micro_batch_size` > 0: sequences per device per forward/backward, the
+    gradient accumulated over the batch (0: the whole batch at once)."""
     return ml_collections.ConfigDict(dict(
         steps=steps, batch_size=batch_size, num_examples=num_examples, num_frames=num_frames,
+        micro_batch_size=micro_batch_size,
         max_response_tokens=max_response_tokens, trainable=trainable,
         optimizer=optimizer_config(lr, warmup_steps), checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints))
@@ -97,6 +100,9 @@ def rl_config(steps: int, prompts_per_step: int, group_size: int, lr: float, **k
         kl_coef=0.01, kl_type="low_var_kl", kl_in="loss",   # kl_in: loss | reward
         gamma=1.0,
         minibatch_size=prompts_per_step * group_size, ppo_epochs=1,
+        # Sequences per device per forward/backward (0: a whole mini-batch / all at once):
+        # Long-RL's micro_batch_size_per_device_for_update / _for_experience.
+        micro_batch_size=0, logprob_micro_batch_size=0,
         dynamic_sampling=False, max_refills=20,
         overlong_buffer=0, overlong_penalty=1.0,
         optimizer=optimizer_config(lr),

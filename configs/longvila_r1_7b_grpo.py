@@ -46,7 +46,8 @@ def get_config(arg: str | None = None):
         group_size=8, lr=1e-6, max_response_tokens=64 if runlocal else 2048,
         temperature=1.0, top_p=0.99, clip_low=0.2, clip_high=0.3, clip_dual=3.0,
         kl_coef=0.01, kl_type="low_var_kl", kl_in="loss", loss_agg="token-mean",
-        minibatch_size=32 if runlocal else 128, eval_every=0 if runlocal else 50,
+        minibatch_size=32 if runlocal else 128, micro_batch_size=1, logprob_micro_batch_size=1,
+        eval_every=0 if runlocal else 50,
         checkpoint_every=1 if runlocal else 10)
     c.eval = common.eval_config(num_examples=8 if runlocal else 0,
                                 max_tokens=64 if runlocal else 2048,

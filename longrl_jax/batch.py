@@ -33,9 +33,13 @@ class SequenceBatch:
     def arrays(self) -> dict[str, np.ndarray]:
         return dataclasses.asdict(self)
 
+    def row_arrays(self) -> dict[str, np.ndarray]:
+        """The per-sequence fields (everything but the shared video table)."""
+        return {k: v for k, v in self.arrays().items() if k != "video_table"}
+
     def take(self, idx: np.ndarray) -> "SequenceBatch":
         """The sequences `idx` (a mini-batch); the video table is shared, not copied."""
-        per_row = {k: v[idx] for k, v in self.arrays().items() if k != "video_table"}
+        per_row = {k: v[idx] for k, v in self.row_arrays().items()}
         return SequenceBatch(video_table=self.video_table, **per_row)
 
 
@@ -92,15 +96,49 @@ def place_batch(batch: SequenceBatch, mesh, rules: mesh_lib.Rules = mesh_lib.DEF
                 ) -> dict[str, jax.Array]:
     """Rows over the 'batch' rule's mesh axes; the sequence dimension over 'sequence'; the video
     table replicated."""
+    return dict(place_rows(batch.row_arrays(), mesh, rules),
+                video_table=place_table(batch.video_table, mesh))
+
+
+def place_table(table: np.ndarray, mesh) -> jax.Array:
+    """The batch's video rows, replicated (the splice gathers any row on any device)."""
+    return jax.device_put(table, NamedSharding(mesh, P()))
+
+
+def place_rows(arrays: dict[str, np.ndarray], mesh,
+               rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES, *, stacked: bool = False
+               ) -> dict[str, jax.Array]:
+    """Per-row arrays [B, ...] (or [n, B, ...] micro-batches when `stacked`) onto the mesh:
+    rows over the 'batch' rule's axes, the sequence fields' T over 'sequence'."""
     seq = "sequence" if mesh.shape["sequence"] > 1 else None
-    bax = mesh_lib.batch_axes(mesh, batch.token_ids.shape[0], rules)
+    lead = (None,) if stacked else ()
     out = {}
-    for name, a in batch.arrays().items():
-        if name == "video_table":
-            spec = P()
-        elif name in _SEQUENCE_FIELDS:
-            spec = P(bax, seq)
-        else:
-            spec = P(bax, None)
+    for name, a in arrays.items():
+        bax = mesh_lib.batch_axes(mesh, a.shape[len(lead)], rules)
+        spec = P(*(*lead, bax, seq if name in _SEQUENCE_FIELDS else None)[:a.ndim])
         out[name] = jax.device_put(a, NamedSharding(mesh, spec))
+    return out
+
+
+def place_micro_batches(rows: dict[str, np.ndarray], n: int, mesh,
+                        rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES, *,
+                        zero: tuple[str, ...] = ("mask",)) -> dict[str, jax.Array]:
+    """Per-row host arrays as `n` micro-batches [n, ceil(B/n), ...] on the mesh."""
+    return place_rows(stack_micro_batches(rows, n, zero=zero), mesh, rules, stacked=True)
+
+
+def stack_micro_batches(arrays: dict[str, np.ndarray], n: int, *, zero: tuple[str, ...] = ()
+                        ) -> dict[str, np.ndarray]:
+    """Per-row host arrays [B, ...] -> [n, ceil(B/n), ...]. Rows added to fill the last
+    micro-batch copy row 0 with the fields in `zero` (masks, advantages) set to 0, so they
+    add nothing to a loss, a gradient or a metric."""
+    b = next(iter(arrays.values())).shape[0]
+    per = -(-b // n)
+    pad = per * n - b
+    out = {}
+    for k, a in arrays.items():
+        if pad:
+            fill = np.zeros_like(a[:1]) if k in zero else a[:1]
+            a = np.concatenate([a, np.repeat(fill, pad, axis=0)])
+        out[k] = a.reshape((n, per) + a.shape[1:])
     return out

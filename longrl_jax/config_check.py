@@ -81,6 +81,7 @@ def _check_sft(s, need) -> None:
     need(s.max_response_tokens > 0, "sft.max_response_tokens", "must be positive")
     need(s.trainable in TRAINABLE, "sft.trainable", f"one of {TRAINABLE_PARTS}")
     need(s.num_frames >= 0, "sft.num_frames", "must be >= 0 (0: data.num_frames)")
+    need(s.micro_batch_size >= 0, "sft.micro_batch_size", "must be >= 0 (0: the whole batch)")
     need(s.optimizer.lr > 0, "sft.optimizer.lr", "must be positive")
     need(s.checkpoint_every > 0, "sft.checkpoint_every", "must be positive")
 
@@ -103,5 +104,8 @@ def _check_rl(r, need) -> None:
     need(0 < r.minibatch_size <= total and total % r.minibatch_size == 0,
          "rl.minibatch_size", f"must divide prompts_per_step * group_size = {total}")
     need(r.ppo_epochs >= 1, "rl.ppo_epochs", "must be >= 1")
+    need(r.micro_batch_size >= 0, "rl.micro_batch_size", "must be >= 0 (0: a whole mini-batch)")
+    need(r.logprob_micro_batch_size >= 0, "rl.logprob_micro_batch_size",
+         "must be >= 0 (0: all sequences at once)")
     need(r.optimizer.lr > 0, "rl.optimizer.lr", "must be positive")
     need(r.checkpoint_every > 0, "rl.checkpoint_every", "must be positive")

@@ -3,7 +3,6 @@ exactly as the ones it was given, so step 2 is a cache hit (a silent recompile p
 cost minutes on a real model)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -42,7 +41,8 @@ def _batch(mesh, b=8, seed=0):
     responses = [rng.integers(20, 60, size=int(rng.integers(3, 9))).astype(np.int32)
                  for _ in range(b)]
     batch = batch_lib.build_batch(prompts, responses, response_len=8)
-    return batch, batch_lib.place_batch(batch, mesh)
+    return batch, batch_lib.place_micro_batches(batch.row_arrays(), 1, mesh), \
+        {"video_table": batch_lib.place_table(batch.video_table, mesh)}
 
 
 @pytest.mark.parametrize("mesh_cfg", [dict(data=1, fsdp=8, sequence=1, tensor=1),
@@ -53,17 +53,21 @@ def test_sft_and_rl_steps_compile_once(mesh_cfg):
     model, mesh = build.build_model(config, video_token_id=3, separator_token_id=4)
     opt = optimizer(model, config.sft.optimizer, "llm")
     step = make_step(mesh)
-    batch, placed = _batch(mesh)
-    step(model, opt, placed)
+    batch, micro, shared = _batch(mesh)
+    step(model, opt, micro, shared)
     before = COMPILES.n
     for seed in (1, 2):
-        step(model, opt, _batch(mesh, seed=seed)[1])
+        step(model, opt, *_batch(mesh, seed=seed)[1:])
     assert COMPILES.n == before, "the SFT step compiled again"
 
     update = make_update_fn(mesh, config.rl)
-    shape = batch.targets.shape
-    args = [jnp.zeros(shape, jnp.float32)] * 3
-    update(model, opt, placed, *args)
+
+    def rl_micro(batch):
+        zeros = np.zeros(batch.targets.shape, np.float32)
+        return batch_lib.place_micro_batches(
+            dict(batch.row_arrays(), adv=zeros, old_logp=zeros, ref_logp=zeros), 1, mesh)
+    update(model, opt, rl_micro(batch), shared["video_table"])
     before = COMPILES.n
-    update(model, opt, _batch(mesh, seed=3)[1], *args)
+    batch3, _, shared3 = _batch(mesh, seed=3)
+    update(model, opt, rl_micro(batch3), shared3["video_table"])
     assert COMPILES.n == before, "the RL update compiled again"

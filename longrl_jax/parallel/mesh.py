@@ -141,6 +141,14 @@ def batch_axes(mesh: Mesh, batch: int, rules: Rules = DEFAULT_RULES,
     return (spec[0],) if isinstance(spec[0], str) else tuple(spec[0])
 
 
+def batch_degree(mesh: Mesh, rules: Rules = DEFAULT_RULES, leading: str = "batch") -> int:
+    """How many ways the `leading` rule splits a batch that every axis divides: sequences per
+    step of one-per-device micro-batches."""
+    target = dict(rules).get(leading) or ()
+    axes = (target,) if isinstance(target, str) else tuple(target)
+    return math.prod(mesh.shape.get(a, 1) for a in axes)
+
+
 def batch_sharding(mesh: Mesh, shape: Sequence[int], rules: Rules = DEFAULT_RULES,
                    leading: str = "batch") -> NamedSharding:
     """Sharding of a [B, ...] input: B over the `leading` rule's axes, the rest replicated."""

@@ -154,7 +154,7 @@ def kl_penalty(logp, ref_logp, kind: str = "low_var_kl") -> jax.Array:
 # Policy loss
 # ----------------------------------------------------------------------------------------------
 
-def aggregate(loss_bt, mask_bt, agg: str = "token-mean") -> jax.Array:
+def aggregate(loss_bt, mask_bt, agg: str = "token-mean", *, denominator=None) -> jax.Array:
     """Reduce a per-token loss to a scalar, verl's `loss_agg_mode`s.
 
     token-mean:               Σ masked loss / number of masked tokens (Long-RL's default; every
@@ -168,25 +168,37 @@ def aggregate(loss_bt, mask_bt, agg: str = "token-mean") -> jax.Array:
     Rows with an empty mask are padding (static batch shapes): they are left out of the
     sequence means (verl counts them, which in seq-mean-token-mean gives NaN), and an all-empty
     mask gives 0.
+
+    Every mode is a sum over rows divided by a `denominator` that depends on the mask alone
+    (`aggregate_denominator`). A micro-batch of a larger batch passes the whole batch's
+    denominator, so the micro-batches' results add up to the whole batch's.
     """
     if agg not in AGG_MODES:
         raise ValueError(f"unknown agg {agg!r}; allowed: {', '.join(AGG_MODES)}")
     loss_bt, mask_bt = _f32(loss_bt), _f32(mask_bt)
-    if agg == "token-mean":
-        return _masked_mean(loss_bt, mask_bt)
+    if denominator is None:
+        denominator = aggregate_denominator(mask_bt, agg)
     sum_b = jnp.sum(loss_bt * mask_bt, axis=-1)
-    if agg == "seq-mean-token-sum-norm":
-        return jnp.sum(sum_b) / mask_bt.shape[-1]
-    count_b = jnp.sum(mask_bt, axis=-1)
     if agg == "seq-mean-token-mean":
-        sum_b = sum_b / jnp.maximum(count_b, 1.0)
-    nonempty_b = (count_b > 0).astype(jnp.float32)
-    return jnp.sum(sum_b * nonempty_b) / jnp.maximum(jnp.sum(nonempty_b), 1.0)
+        sum_b = sum_b / jnp.maximum(jnp.sum(mask_bt, axis=-1), 1.0)
+    return jnp.sum(sum_b) / denominator
+
+
+def aggregate_denominator(mask_bt, agg: str = "token-mean") -> jax.Array:
+    """What `aggregate` divides by, for a mask [..., T] (any leading shape)."""
+    mask_bt = _f32(mask_bt)
+    if agg == "token-mean":
+        return jnp.maximum(jnp.sum(mask_bt), 1.0)
+    if agg == "seq-mean-token-sum-norm":
+        return jnp.float32(mask_bt.shape[-1])
+    nonempty = (jnp.sum(mask_bt, axis=-1) > 0).astype(jnp.float32)
+    return jnp.maximum(jnp.sum(nonempty), 1.0)
 
 
 def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2,
                 clip_high: float = 0.3, clip_dual: float | None = 3.0,
-                agg: str = "token-mean") -> tuple[jax.Array, dict[str, jax.Array]]:
+                agg: str = "token-mean", denominator=None
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """PPO clipped surrogate with asymmetric (DAPO clip-higher) and dual clipping.
 
     Per token, ratio = exp(logp − old_logp) and loss = max(−A·ratio, −A·clip(ratio, 1 − clip_low,
@@ -200,7 +212,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2,
 
     Metrics (means over masked tokens): `clip_frac` where the PPO clip chose the clipped term,
     `clip_frac_dual` where the dual clip was active, `approx_kl` mean of old − new log-prob
-    (verl's ppo_kl, from the clamped log-ratio), `ratio_mean`.
+    (verl's ppo_kl, from the clamped log-ratio), `ratio_mean`. `denominator`: see `aggregate`.
     """
     if clip_dual is not None and clip_dual <= 1.0:
         raise ValueError(f"clip_dual must be > 1 (or None), got {clip_dual}")
@@ -232,7 +244,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2,
         "ratio_mean": _masked_mean(ratio_bt, mask_bt),
     }
     metrics = jax.tree.map(jax.lax.stop_gradient, metrics)
-    return aggregate(loss_bt, mask_bt, agg), metrics
+    return aggregate(loss_bt, mask_bt, agg, denominator=denominator), metrics
 
 
 # ----------------------------------------------------------------------------------------------

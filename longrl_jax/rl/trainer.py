@@ -21,9 +21,17 @@ import optax
 from flax import nnx
 
 from longrl_jax import metrics as metrics_lib
-from longrl_jax.batch import SequenceBatch, build_batch, place_batch
+from longrl_jax.batch import (
+    SequenceBatch,
+    build_batch,
+    place_micro_batches,
+    place_rows,
+    place_table,
+    stack_micro_batches,
+)
 from longrl_jax.checkpoint import open_checkpoints
 from longrl_jax.context import RunContext, next_examples
+from longrl_jax.grad_accumulation import num_micro_batches, value_and_grad_accumulated
 from longrl_jax.optim import optimizer
 from longrl_jax.parallel.logprobs import batch_logprobs
 from longrl_jax.rl import algorithms as alg
@@ -44,27 +52,53 @@ def make_logprob_fn(mesh):
 
 
 def make_update_fn(mesh, c):
-    def loss_fn(model, b, adv, old_logp, ref_logp):
+    """update(model, opt, micro, video_table) -> metrics: one optimizer step over a mini-batch
+    given as [n, micro, ...] arrays (`micro` holds the batch fields and `adv`, `old_logp`,
+    `ref_logp`), gradients accumulated over the n micro-batches."""
+
+    def micro_loss(model, mb, table, den, n_tokens):
+        b = dict(mb, video_table=table)
         logp, ent = batch_logprobs(model, b, mesh=mesh)
         mask = b["mask"]
-        loss, m = alg.policy_loss(logp, old_logp, adv, mask, clip_low=c.clip_low,
+        loss, m = alg.policy_loss(logp, mb["old_logp"], mb["adv"], mask, clip_low=c.clip_low,
                                   clip_high=c.clip_high, clip_dual=c.clip_dual or None,
-                                  agg=c.loss_agg)
-        kl = alg.kl_penalty(logp, ref_logp, c.kl_type)
-        kl_mean = alg.aggregate(kl, mask, "token-mean")
+                                  agg=c.loss_agg, denominator=den)
+        kl = alg.kl_penalty(logp, mb["ref_logp"], c.kl_type)
         if c.kl_coef and c.kl_in == "loss":
-            loss = loss + c.kl_coef * alg.aggregate(kl, mask, c.loss_agg)
-        m = dict(m, kl=kl_mean, entropy=alg.aggregate(ent, mask, "token-mean"), loss=loss)
-        return loss, m
+            loss = loss + c.kl_coef * alg.aggregate(kl, mask, c.loss_agg, denominator=den)
+        m = dict(m, kl=alg.aggregate(kl, mask, "token-mean"),
+                 entropy=alg.aggregate(ent, mask, "token-mean"))
+        share = jnp.sum(mask) / n_tokens    # token means add up weighted by their tokens
+        return loss, dict({k: v * share for k, v in m.items()}, loss=loss)
 
     @nnx.jit
-    def update(model, opt, b, adv, old_logp, ref_logp):
-        grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, opt.wrt), has_aux=True)
-        (_, m), grads = grad_fn(model, b, adv, old_logp, ref_logp)
+    def update(model, opt, micro, table):
+        mask = micro["mask"]
+        den = alg.aggregate_denominator(mask, c.loss_agg)
+        n_tokens = jnp.maximum(jnp.sum(mask), 1.0)
+        (_, m), grads = value_and_grad_accumulated(
+            lambda model, mb: micro_loss(model, mb, table, den, n_tokens), model, opt.wrt, micro)
         m["grad_norm"] = optax.global_norm(grads)
         opt.update(model, grads)
         return m
     return update
+
+
+def logprobs_in_micro_batches(logprob_fn, models, batch: SequenceBatch, table,
+                              ctx: RunContext) -> list[np.ndarray]:
+    """Per model: [N, R] log-probs of the batch's responses, `rl.logprob_micro_batch_size`
+    sequences per device per call (one compiled step whatever the count); each micro-batch is
+    placed once for all the models."""
+    rows = batch.token_ids.shape[0]
+    n = num_micro_batches(rows, ctx.config.rl.logprob_micro_batch_size, ctx.mesh, ctx.rules)
+    stacked = stack_micro_batches(batch.row_arrays(), n)
+    outs = [[] for _ in models]
+    for i in range(n):
+        placed = dict(place_rows({k: v[i] for k, v in stacked.items()}, ctx.mesh, ctx.rules),
+                      video_table=table)
+        for out, model in zip(outs, models):
+            out.append(logprob_fn(model, placed)[0])
+    return [np.concatenate(jax.device_get(out))[:rows] for out in outs]
 
 
 # ================================================================================================
@@ -123,22 +157,24 @@ def server_logprobs(rollouts: Rollouts, shape) -> np.ndarray:
 # The update
 # ================================================================================================
 
-def minibatch_updates(ctx: RunContext, update_fn, model, opt, batch: SequenceBatch, adv,
-                      old_logp, ref_logp, step: int) -> list[dict]:
+def minibatch_updates(ctx: RunContext, update_fn, model, opt, batch: SequenceBatch, table,
+                      adv, old_logp, ref_logp, step: int) -> list[dict]:
     """`ppo_epochs` passes over the step's sequences in shuffled mini-batches, one optimizer
-    step each."""
+    step each, every mini-batch in micro-batches of `rl.micro_batch_size` per device."""
     c = ctx.config.rl
     n = batch.token_ids.shape[0]
     mb = min(c.minibatch_size, n)
+    n_micro = num_micro_batches(mb, c.micro_batch_size, ctx.mesh, ctx.rules)
+    rows = dict(batch.row_arrays(), adv=adv, old_logp=old_logp, ref_logp=ref_logp)
     order_rng = np.random.default_rng([ctx.config.seed, step])
     ms = []
     for _ in range(c.ppo_epochs):
         order = order_rng.permutation(n)
         for k in range(0, n - mb + 1, mb):
             idx = np.sort(order[k:k + mb])
-            ms.append(update_fn(model, opt, place_batch(batch.take(idx), ctx.mesh, ctx.rules),
-                                jnp.asarray(adv[idx]), jnp.asarray(old_logp[idx]),
-                                jnp.asarray(ref_logp[idx])))
+            micro = place_micro_batches({name: a[idx] for name, a in rows.items()}, n_micro,
+                                        ctx.mesh, ctx.rules, zero=("mask", "adv"))
+            ms.append(update_fn(model, opt, micro, table))
     return jax.device_get(ms)
 
 
@@ -183,9 +219,9 @@ def train(ctx: RunContext, connection, evaluator=None) -> dict:
         # ---- old-policy and reference log-probs on the identical sequences ------------------------
         with ctx.timers("prefill"):
             batch = sequence_batch(rollouts, c)
-            placed = place_batch(batch, ctx.mesh, ctx.rules)
-            old_logp, _ = jax.device_get(logprob_fn(model, placed))
-            ref_logp, _ = jax.device_get(logprob_fn(ref, placed))
+            table = place_table(batch.video_table, ctx.mesh)    # once per step
+            old_logp, ref_logp = logprobs_in_micro_batches(logprob_fn, [model, ref], batch,
+                                                           table, ctx)
         if c.kl_coef and c.kl_in == "reward":
             kl = np.asarray(alg.kl_penalty(old_logp, ref_logp, c.kl_type))
             rewards = rewards - c.kl_coef * (kl * batch.mask).sum(-1)
@@ -194,8 +230,8 @@ def train(ctx: RunContext, connection, evaluator=None) -> dict:
         adv = np.asarray(alg.advantages(c.algorithm, rewards, rollouts.group_ids, batch.mask,
                                         gamma=c.gamma), np.float32)
         with ctx.timers("update"):
-            ms = minibatch_updates(ctx, update_fn, model, opt, batch, adv, old_logp, ref_logp,
-                                   step)
+            ms = minibatch_updates(ctx, update_fn, model, opt, batch, table, adv, old_logp,
+                                   ref_logp, step)
         with ctx.timers("weight_sync"):
             nbytes = connection.sync(model)
         step += 1

@@ -17,9 +17,10 @@ import optax
 from flax import nnx
 
 from longrl_jax import metrics as metrics_lib
-from longrl_jax.batch import build_batch, place_batch
+from longrl_jax.batch import build_batch, place_micro_batches, place_table
 from longrl_jax.checkpoint import open_checkpoints
 from longrl_jax.context import RunContext, next_examples
+from longrl_jax.grad_accumulation import num_micro_batches, value_and_grad_accumulated
 from longrl_jax.optim import optimizer
 from longrl_jax.parallel.logprobs import batch_logprobs
 from longrl_jax.prompts import response_ids
@@ -31,30 +32,37 @@ log = logging.getLogger(__name__)
 # The step
 # ================================================================================================
 
-def _video_table(model, b):
+def _video_table(model, shared):
     """Video rows recomputed from frames when the vision side trains, else the cached rows."""
-    if "frames" not in b:
-        return b["video_table"]
-    v, f = b["frames"].shape[:2]
-    rows = model.encode_video(b["frames"].reshape((v * f,) + b["frames"].shape[2:]))
+    if "frames" not in shared:
+        return shared["video_table"]
+    frames = shared["frames"]
+    v, f = frames.shape[:2]
+    rows = model.encode_video(frames.reshape((v * f,) + frames.shape[2:]))
     rows = rows.reshape(-1, rows.shape[-1])
-    return jnp.zeros_like(b["video_table"]).at[:rows.shape[0]].set(rows)
+    return jnp.zeros_like(shared["video_table"]).at[:rows.shape[0]].set(rows)
 
 
-def loss_fn(model, b, mesh):
-    b = dict(b, video_table=_video_table(model, b))
+def micro_loss(model, mb, shared, n_tokens, mesh):
+    """One micro-batch's share of the batch's mean next-token loss (and metrics)."""
+    b = dict(mb, video_table=_video_table(model, shared))
     logp, ent = batch_logprobs(model, b, mesh=mesh)
-    n = jnp.maximum(b["mask"].sum(), 1.0)
-    loss = -(logp * b["mask"]).sum() / n
-    acc = ((logp > jnp.log(0.5)) * b["mask"]).sum() / n
-    return loss, {"loss": loss, "entropy": (ent * b["mask"]).sum() / n, "token_acc": acc}
+    mask = b["mask"]
+    loss = -(logp * mask).sum() / n_tokens
+    acc = ((logp > jnp.log(0.5)) * mask).sum() / n_tokens
+    return loss, {"loss": loss, "entropy": (ent * mask).sum() / n_tokens, "token_acc": acc}
 
 
 def make_step(mesh):
+    """step(model, opt, micro, shared) -> metrics: one optimizer step over a batch given as
+    [n, micro, ...] row arrays (`micro`) and the rows they share (`shared`: the video table,
+    and the frames when the vision side trains), gradients accumulated over n micro-batches."""
     @nnx.jit
-    def step(model, opt, b):
-        grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, opt.wrt), has_aux=True)
-        (_, aux), grads = grad_fn(model, b, mesh)
+    def step(model, opt, micro, shared):
+        n_tokens = jnp.maximum(micro["mask"].sum(), 1.0)
+        (_, aux), grads = value_and_grad_accumulated(
+            lambda model, mb: micro_loss(model, mb, shared, n_tokens, mesh), model, opt.wrt,
+            micro)
         aux["grad_norm"] = optax.global_norm(grads)
         opt.update(model, grads)
         return aux
@@ -65,20 +73,23 @@ def make_step(mesh):
 # Batches
 # ================================================================================================
 
-def make_batch(ctx: RunContext, prompts) -> dict:
+def make_batch(ctx: RunContext, prompts) -> tuple[dict, dict]:
+    """(micro, shared) for `make_step`: `sft.micro_batch_size` sequences per device."""
     c = ctx.config
     responses = [response_ids(ctx.tokenizer, p.example.sft_target(), ctx.tokens)
                  [:c.sft.max_response_tokens] for p in prompts]
     batch = build_batch(prompts, responses, response_len=c.sft.max_response_tokens)
-    arrays = place_batch(batch, ctx.mesh, ctx.rules)
+    n = num_micro_batches(len(prompts), c.sft.micro_batch_size, ctx.mesh, ctx.rules)
+    micro = place_micro_batches(batch.row_arrays(), n, ctx.mesh, ctx.rules)
+    shared = {"video_table": place_table(batch.video_table, ctx.mesh)}
     if c.sft.trainable != "llm":
         seen, frames = set(), []
         for p in prompts:
             if p.video_key not in seen:
                 seen.add(p.video_key)
                 frames.append(ctx.embedder(c.sft.num_frames).frames(p.example.videos[0]))
-        arrays["frames"] = jnp.asarray(np.stack(frames))
-    return arrays
+        shared["frames"] = jnp.asarray(np.stack(frames))
+    return micro, shared
 
 
 # ================================================================================================
@@ -100,9 +111,9 @@ def train(ctx: RunContext) -> dict:
             while len(prompts) < c.batch_size:  # refill past skipped (undecodable) videos
                 prompts += ctx.prompts(next_examples(it, c.batch_size - len(prompts)),
                                        num_frames=c.num_frames)
-            b = make_batch(ctx, prompts)
+            micro, shared = make_batch(ctx, prompts)
         with ctx.timers("update"):
-            aux = jax.device_get(step_fn(model, opt, b))
+            aux = jax.device_get(step_fn(model, opt, micro, shared))
         step += 1
         scalars = {k: float(v) for k, v in aux.items()}
         scalars.update(ctx.timers.pop())
