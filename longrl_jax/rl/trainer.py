@@ -63,11 +63,12 @@ def make_update_fn(mesh, c):
         loss, m = alg.policy_loss(logp, mb["old_logp"], mb["adv"], mask, clip_low=c.clip_low,
                                   clip_high=c.clip_high, clip_dual=c.clip_dual or None,
                                   agg=c.loss_agg, denominator=den)
-        kl = alg.kl_penalty(logp, mb["ref_logp"], c.kl_type)
-        if c.kl_coef and c.kl_in == "loss":
-            loss = loss + c.kl_coef * alg.aggregate(kl, mask, c.loss_agg, denominator=den)
-        m = dict(m, kl=alg.aggregate(kl, mask, "token-mean"),
-                 entropy=alg.aggregate(ent, mask, "token-mean"))
+        m = dict(m, entropy=alg.aggregate(ent, mask, "token-mean"))
+        if c.kl_coef:                       # without KL there is no reference model
+            kl = alg.kl_penalty(logp, mb["ref_logp"], c.kl_type)
+            if c.kl_in == "loss":
+                loss = loss + c.kl_coef * alg.aggregate(kl, mask, c.loss_agg, denominator=den)
+            m["kl"] = alg.aggregate(kl, mask, "token-mean")
         share = jnp.sum(mask) / n_tokens    # token means add up weighted by their tokens
         return loss, dict({k: v * share for k, v in m.items()}, loss=loss)
 
@@ -202,7 +203,7 @@ def train(ctx: RunContext, connection, evaluator=None) -> dict:
     (an `evaluate.Evaluator`) runs every `rl.eval_every` steps and at the end."""
     c = ctx.config.rl
     model = ctx.model
-    ref = nnx.clone(model)             # the SFT policy, frozen: KL anchor
+    ref = nnx.clone(model) if c.kl_coef else None    # the frozen KL anchor, when KL is used
     opt = optimizer(model, c.optimizer, "llm")
     logprob_fn = make_logprob_fn(ctx.mesh)
     update_fn = make_update_fn(ctx.mesh, c)
@@ -220,8 +221,9 @@ def train(ctx: RunContext, connection, evaluator=None) -> dict:
         with ctx.timers("prefill"):
             batch = sequence_batch(rollouts, c)
             table = place_table(batch.video_table, ctx.mesh)    # once per step
-            old_logp, ref_logp = logprobs_in_micro_batches(logprob_fn, [model, ref], batch,
-                                                           table, ctx)
+            old_logp, *ref_logp = logprobs_in_micro_batches(
+                logprob_fn, [model] + ([ref] if ref is not None else []), batch, table, ctx)
+            ref_logp = ref_logp[0] if ref_logp else old_logp     # unused without KL
         if c.kl_coef and c.kl_in == "reward":
             kl = np.asarray(alg.kl_penalty(old_logp, ref_logp, c.kl_type))
             rewards = rewards - c.kl_coef * (kl * batch.mask).sum(-1)
