@@ -8,6 +8,7 @@ policy update: rows are whole sequences, the video rows are stored once per dist
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import jax
@@ -16,6 +17,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from longrl_jax.parallel import mesh as mesh_lib
+from longrl_jax.parallel import sequence
 from longrl_jax.prompts import Prompt
 
 
@@ -88,14 +90,46 @@ def build_batch(prompts: Sequence[Prompt], responses: Sequence[np.ndarray], *,
 _SEQUENCE_FIELDS = ("token_ids", "video_rows", "positions", "valid")
 
 
-def place_batch(batch: SequenceBatch, mesh, rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES
-                ) -> dict[str, jax.Array]:
+def sequence_layout(mesh, layout: str) -> str:
+    """The layout T is placed in on `mesh`: `layout` with a 'sequence' axis, else contiguous
+    (without sequence parallelism the order does not matter, and nothing is reordered)."""
+    if layout not in sequence.LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {sequence.LAYOUTS}")
+    return layout if mesh.shape["sequence"] > 1 else "contiguous"
+
+
+def length_multiple(mesh, layout: str, floor: int = 64) -> int:
+    """The `build_batch` length multiple for placing on `mesh` in `layout`: a multiple of
+    `floor` that the layout's split of T over the 'sequence' axis divides (2*sp for zigzag)."""
+    sp = mesh.shape["sequence"]
+    return math.lcm(floor, sequence.layout_multiple(sp, sequence_layout(mesh, layout)))
+
+
+def place_batch(batch: SequenceBatch, mesh, rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES,
+                layout: str = "contiguous") -> dict[str, jax.Array]:
     """Rows over the 'batch' rule's mesh axes; the sequence dimension over 'sequence'; the video
-    table replicated."""
-    seq = "sequence" if mesh.shape["sequence"] > 1 else None
+    table replicated.
+
+    With a 'sequence' axis, T is put in `layout` order (`sequence.layout_index`; 'zigzag' gives
+    device i the chunks i and 2sp-1-i, balancing causal attention), which must be the layout the
+    installed attention was told (`build.install_attention`: `config.sp.layout`). The per-token
+    fields move together, so positions keep their original values (RoPE) and padding stays
+    invalid; `rows` are mapped to the layout positions of the hidden states they name, where
+    `sequence.gather_rows` finds them. T must be a multiple of the layout's split (see
+    `length_multiple`). Without a 'sequence' axis the layout does not matter."""
+    sp = mesh.shape["sequence"]
+    seq = "sequence" if sp > 1 else None
+    arrays = batch.arrays()
+    t = batch.token_ids.shape[1]
+    layout = sequence_layout(mesh, layout)
+    index = sequence.layout_index(t, sp, layout)  # validates T for the layout
+    if layout != "contiguous":
+        for name in _SEQUENCE_FIELDS:
+            arrays[name] = arrays[name][:, index]
+        arrays["rows"] = sequence.inverse_index(index)[arrays["rows"]]
     bax = mesh_lib.batch_axes(mesh, batch.token_ids.shape[0], rules)
     out = {}
-    for name, a in batch.arrays().items():
+    for name, a in arrays.items():
         if name == "video_table":
             spec = P()
         elif name in _SEQUENCE_FIELDS:

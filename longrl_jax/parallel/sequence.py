@@ -61,7 +61,15 @@ def layout_index(length: int, sp: int, layout: str) -> np.ndarray:
 
 
 def layout_multiple(sp: int, layout: str) -> int:
+    """What the length must be a multiple of for `layout` over sp devices."""
     return 2 * sp if layout == "zigzag" else sp
+
+
+def inverse_index(index: np.ndarray) -> np.ndarray:
+    """[T] layout position of each original index, for `index` from `layout_index`."""
+    inv = np.empty_like(index)
+    inv[index] = np.arange(len(index), dtype=index.dtype)
+    return inv
 
 
 def _zigzag_perms(sp: int):
@@ -331,9 +339,7 @@ class ShardedSequence:
     @property
     def inverse(self) -> np.ndarray:
         """[Tp] layout position of each original index."""
-        inv = np.empty_like(self.index)
-        inv[self.index] = np.arange(len(self.index), dtype=self.index.dtype)
-        return inv
+        return inverse_index(self.index)
 
     def to_layout(self, original_positions: np.ndarray) -> np.ndarray:
         """Layout positions of original indices (e.g. response token positions)."""

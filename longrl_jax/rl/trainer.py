@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 from longrl_jax import metrics as metrics_lib
-from longrl_jax.batch import SequenceBatch, build_batch, place_batch
+from longrl_jax.batch import SequenceBatch, build_batch, length_multiple, place_batch
 from longrl_jax.checkpoint import open_checkpoints
 from longrl_jax.context import RunContext, next_examples
 from longrl_jax.optim import optimizer
@@ -104,10 +104,13 @@ def shaped_rewards(rollouts: Rollouts, c) -> np.ndarray:
     return rewards
 
 
-def sequence_batch(rollouts: Rollouts, c) -> SequenceBatch:
+def sequence_batch(ctx: RunContext, rollouts: Rollouts) -> SequenceBatch:
+    """The sampled sequences, their length a multiple that the mesh's sequence layout splits."""
+    c = ctx.config.rl
     responses = [np.asarray(s.token_ids[:c.max_response_tokens], np.int32)
                  for s in rollouts.samples]
-    return build_batch(rollouts.prompts, responses, response_len=c.max_response_tokens)
+    return build_batch(rollouts.prompts, responses, response_len=c.max_response_tokens,
+                       length_multiple=length_multiple(ctx.mesh, ctx.config.sp.layout))
 
 
 def server_logprobs(rollouts: Rollouts, shape) -> np.ndarray:
@@ -136,9 +139,9 @@ def minibatch_updates(ctx: RunContext, update_fn, model, opt, batch: SequenceBat
         order = order_rng.permutation(n)
         for k in range(0, n - mb + 1, mb):
             idx = np.sort(order[k:k + mb])
-            ms.append(update_fn(model, opt, place_batch(batch.take(idx), ctx.mesh, ctx.rules),
-                                jnp.asarray(adv[idx]), jnp.asarray(old_logp[idx]),
-                                jnp.asarray(ref_logp[idx])))
+            placed = place_batch(batch.take(idx), ctx.mesh, ctx.rules, ctx.config.sp.layout)
+            ms.append(update_fn(model, opt, placed, jnp.asarray(adv[idx]),
+                                jnp.asarray(old_logp[idx]), jnp.asarray(ref_logp[idx])))
     return jax.device_get(ms)
 
 
@@ -182,8 +185,8 @@ def train(ctx: RunContext, connection, evaluator=None) -> dict:
 
         # ---- old-policy and reference log-probs on the identical sequences ------------------------
         with ctx.timers("prefill"):
-            batch = sequence_batch(rollouts, c)
-            placed = place_batch(batch, ctx.mesh, ctx.rules)
+            batch = sequence_batch(ctx, rollouts)
+            placed = place_batch(batch, ctx.mesh, ctx.rules, ctx.config.sp.layout)
             old_logp, _ = jax.device_get(logprob_fn(model, placed))
             ref_logp, _ = jax.device_get(logprob_fn(ref, placed))
         if c.kl_coef and c.kl_in == "reward":

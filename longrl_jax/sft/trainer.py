@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 
 from longrl_jax import metrics as metrics_lib
-from longrl_jax.batch import build_batch, place_batch
+from longrl_jax.batch import build_batch, length_multiple, place_batch
 from longrl_jax.checkpoint import open_checkpoints
 from longrl_jax.context import RunContext, next_examples
 from longrl_jax.optim import optimizer
@@ -69,8 +69,9 @@ def make_batch(ctx: RunContext, prompts) -> dict:
     c = ctx.config
     responses = [response_ids(ctx.tokenizer, p.example.sft_target(), ctx.tokens)
                  [:c.sft.max_response_tokens] for p in prompts]
-    batch = build_batch(prompts, responses, response_len=c.sft.max_response_tokens)
-    arrays = place_batch(batch, ctx.mesh, ctx.rules)
+    batch = build_batch(prompts, responses, response_len=c.sft.max_response_tokens,
+                        length_multiple=length_multiple(ctx.mesh, c.sp.layout))
+    arrays = place_batch(batch, ctx.mesh, ctx.rules, c.sp.layout)
     if c.sft.trainable != "llm":
         seen, frames = set(), []
         for p in prompts:
