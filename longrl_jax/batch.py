@@ -118,7 +118,6 @@ def place_batch(batch: SequenceBatch, mesh, rules: mesh_lib.Rules = mesh_lib.DEF
     `sequence.gather_rows` finds them. T must be a multiple of the layout's split (see
     `length_multiple`). Without a 'sequence' axis the layout does not matter."""
     sp = mesh.shape["sequence"]
-    seq = "sequence" if sp > 1 else None
     arrays = batch.arrays()
     t = batch.token_ids.shape[1]
     layout = sequence_layout(mesh, layout)
@@ -127,14 +126,22 @@ def place_batch(batch: SequenceBatch, mesh, rules: mesh_lib.Rules = mesh_lib.DEF
         for name in _SEQUENCE_FIELDS:
             arrays[name] = arrays[name][:, index]
         arrays["rows"] = sequence.inverse_index(index)[arrays["rows"]]
-    bax = mesh_lib.batch_axes(mesh, batch.token_ids.shape[0], rules)
+    shardings = batch_shardings(mesh, batch.token_ids.shape[0], rules)
+    return {name: jax.device_put(a, shardings[name]) for name, a in arrays.items()}
+
+
+def batch_shardings(mesh, batch_size: int, rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES
+                    ) -> dict[str, NamedSharding]:
+    """Where `place_batch` puts each field of a `SequenceBatch` of `batch_size` rows."""
+    seq = "sequence" if mesh.shape["sequence"] > 1 else None
+    bax = mesh_lib.batch_axes(mesh, batch_size, rules)
     out = {}
-    for name, a in arrays.items():
-        if name == "video_table":
+    for f in dataclasses.fields(SequenceBatch):
+        if f.name == "video_table":
             spec = P()
-        elif name in _SEQUENCE_FIELDS:
+        elif f.name in _SEQUENCE_FIELDS:
             spec = P(bax, seq)
         else:
             spec = P(bax, None)
-        out[name] = jax.device_put(a, NamedSharding(mesh, spec))
+        out[f.name] = NamedSharding(mesh, spec)
     return out
