@@ -30,7 +30,7 @@ class _Compiles:
 COMPILES = _Compiles()
 
 
-def _batch(mesh, b=8, seed=0):
+def _batch(mesh, b=8, seed=0, layout="contiguous"):
     rng = np.random.default_rng(seed)
     ids = [10, 11, 3, 12, 13]
     prompts = []
@@ -41,23 +41,27 @@ def _batch(mesh, b=8, seed=0):
         prompts.append(prompts_lib.Prompt(None, np.array(ids), lay, f"v{i}", rows))
     responses = [rng.integers(20, 60, size=int(rng.integers(3, 9))).astype(np.int32)
                  for _ in range(b)]
-    batch = batch_lib.build_batch(prompts, responses, response_len=8)
-    return batch, batch_lib.place_batch(batch, mesh)
+    batch = batch_lib.build_batch(prompts, responses, response_len=8,
+                                  length_multiple=batch_lib.length_multiple(mesh, layout))
+    return batch, batch_lib.place_batch(batch, mesh, layout=layout)
 
 
-@pytest.mark.parametrize("mesh_cfg", [dict(data=1, fsdp=8, sequence=1, tensor=1),
-                                      dict(data=2, fsdp=2, sequence=1, tensor=2)])
-def test_sft_and_rl_steps_compile_once(mesh_cfg):
+@pytest.mark.parametrize("mesh_cfg,layout", [
+    (dict(data=1, fsdp=8, sequence=1, tensor=1), "contiguous"),
+    (dict(data=2, fsdp=2, sequence=1, tensor=2), "contiguous"),
+    (dict(data=1, fsdp=4, sequence=2, tensor=1), "zigzag")])
+def test_sft_and_rl_steps_compile_once(mesh_cfg, layout):
     config = demo.get_config("quick")
     config.mesh.update(mesh_cfg)
+    config.sp.layout = layout
     model, mesh = build.build_model(config, video_token_id=3, separator_token_id=4)
     opt = optimizer(model, config.sft.optimizer, "llm")
     step = make_step(mesh)
-    batch, placed = _batch(mesh)
+    batch, placed = _batch(mesh, layout=layout)
     step(model, opt, placed)
     before = COMPILES.n
     for seed in (1, 2):
-        step(model, opt, _batch(mesh, seed=seed)[1])
+        step(model, opt, _batch(mesh, seed=seed, layout=layout)[1])
     assert COMPILES.n == before, "the SFT step compiled again"
 
     update = make_update_fn(mesh, config.rl)
@@ -65,5 +69,5 @@ def test_sft_and_rl_steps_compile_once(mesh_cfg):
     args = [jnp.zeros(shape, jnp.float32)] * 3
     update(model, opt, placed, *args)
     before = COMPILES.n
-    update(model, opt, _batch(mesh, seed=3)[1], *args)
+    update(model, opt, _batch(mesh, seed=3, layout=layout)[1], *args)
     assert COMPILES.n == before, "the RL update compiled again"
