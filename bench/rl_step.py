@@ -20,7 +20,7 @@ on device after the rollouts are back, in three modes:
             (`encode_video_sharded`), the rows taken to the host as the trainer's embedder does,
             and reused by the three passes; no sequence parallelism.
   stage1+2  stage 1 plus stage 2: mesh sequence = `--sp` (4), fsdp = the rest (2), ring attention
-            on the contiguous layout the trainer feeds (`sp.layout = "contiguous"`).
+            on the sequence in `--layout` order (`sp.layout`; zig-zag, the trainers' default).
 
 The passes are the trainer's own jitted functions (`make_logprob_fn`, `make_update_fn`, one
 update over all B = prompts x G rows, i.e. minibatch = the whole batch, one PPO epoch), fed by
@@ -102,7 +102,7 @@ def make_config(args, sp: int):
     c.model.remat = args.remat
     c.model.scan_layers = args.scan_layers
     c.mesh = common.mesh_config(fsdp=-1, sequence=sp)
-    c.sp = common.sp_config(strategy=args.strategy, layout="contiguous",
+    c.sp = common.sp_config(strategy=args.strategy, layout=args.layout,
                             frames_per_chunk=args.frames_per_chunk)
     prompts = args.prompts_per_device * jax.device_count()
     c.rl = common.rl_config(steps=1, prompts_per_step=prompts, group_size=args.group_size,
@@ -210,8 +210,11 @@ class Stepper:
             episodes = [dataclasses.replace(p, video_key=f"{p.video_key}/{k % self.g}")
                         for k, p in enumerate(episodes)]
         resp = [r for r in responses for _ in range(self.g)]
-        batch = batch_lib.build_batch(episodes, resp, response_len=self.r)
-        placed = batch_lib.place_batch(batch, self.mesh)
+        layout = self.config.sp.layout
+        batch = batch_lib.build_batch(episodes, resp, response_len=self.r,
+                                      length_multiple=batch_lib.length_multiple(self.mesh, layout))
+        batch = batch_lib.in_layout(batch, self.mesh, layout)
+        placed = batch_lib.place_batch(batch, self.mesh)     # already in layout order
         if self.mode.startswith("none"):  # each device holds (and encodes) its prompts' frames
             frames = videos if self.mode == "none" else [f for f in videos for _ in range(self.g)]
             bax = mesh_lib.batch_axes(self.mesh, len(frames))
@@ -282,6 +285,8 @@ def main():
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=ALL_MODES)
     ap.add_argument("--sp", type=int, default=4, help="sequence axis of stage1+2")
     ap.add_argument("--strategy", default="ring", choices=["ring", "ulysses", "all_gather_kv"])
+    ap.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"],
+                    help="sequence layout of stage1+2 (config.sp.layout)")
     ap.add_argument("--prompts_per_device", type=int, default=1)
     ap.add_argument("--group_size", type=int, default=5, help="G rollouts per prompt")
     ap.add_argument("--response_len", type=int, default=64)

@@ -1,18 +1,22 @@
 """Per-device memory of a policy forward+backward over a long spliced video, vs the SP degree.
 
 Compiles (never runs) one policy-gradient step of a 7B-shaped LLM (LongVILA-R1-7B widths: D 3584,
-28 q / 4 kv heads, MLP 18944, vocab 151651; bf16; remat per layer) on 8 fake CPU devices, with
-the video's embeddings spliced into a prompt and log-probs taken at the response only, and reads
-XLA's memory analysis of the compiled program for sp in {1, 2, 4, 8} (the rest of the 8 devices
-form the fsdp axis; parameters are ZeRO-sharded over fsdp x sequence in every case).
+28 q / 4 kv heads, MLP 18944, vocab 151651; bf16; remat per layer) on 8 fake CPU devices through
+the trainers' own log-prob path: a placed `batch.SequenceBatch` (`place_batch`'s shardings, T in
+the `--layout` order, zig-zag by default as in the configs), the video's rows spliced on the
+device (`VLM.splice`) and log-probs taken at the response only (`logprobs.batch_logprobs`). It
+reads XLA's memory analysis of the compiled program for sp in {1, 2, 4, 8} (the rest of the 8
+devices form the fsdp axis; parameters are ZeRO-sharded over fsdp x sequence in every case). The
+video table is float32 and replicated, as the trainers place it: it counts in argument_bytes.
 
   python bench/sp_memory.py --quick --out /tmp/sp_memory.json     # < 3 minutes, 1-2k frames
   python bench/sp_memory.py --out bench/sp_memory.json             # more frames and layers
 
-Rows: {"sp", "frames", "tokens", "layers", "temp_bytes", "argument_bytes", "output_bytes",
-"compile_s"}. The summary fits temp = a + b*layers + c*tokens + d*layers*tokens per sp and
-reports, for the full 28-layer model, the largest frame count that fits 80 GB per device with
-bf16 params, fp32 Adam states, a bf16 gradient and an fp32 master copy, ZeRO-sharded over 8.
+Rows: {"sp", "frames", "tokens", "layers", "strategy", "layout", "temp_bytes", "argument_bytes",
+"output_bytes", "compile_s"}. The summary fits temp = a + b*layers + c*tokens + d*layers*tokens
+per sp and reports, for the full 28-layer model, the largest frame count that fits 80 GB per
+device with bf16 params, fp32 Adam states, a bf16 gradient and an fp32 master copy,
+ZeRO-sharded over 8.
 Absolute numbers are those of XLA's CPU buffer assignment; ratios between sp values are the
 point.
 """
@@ -36,11 +40,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P
 
-from longrl_jax.models import ModelConfig, flash  # noqa: E402
-from longrl_jax.models.qwen2 import Qwen2ForCausalLM  # noqa: E402
+from longrl_jax import batch as batch_lib  # noqa: E402
+from longrl_jax.models import VLM, ModelConfig, flash  # noqa: E402
 from longrl_jax.parallel import logprobs  # noqa: E402
 from longrl_jax.parallel import mesh as mesh_lib  # noqa: E402
 from longrl_jax.parallel import sequence as S  # noqa: E402
@@ -55,54 +57,50 @@ def tokens_for(frames: int) -> int:
     return PROMPT + frames * TOKENS_PER_FRAME + RESPONSE
 
 
-def compile_step(sp: int, frames: int, layers: int, strategy: str) -> dict:
+def compile_step(sp: int, frames: int, layers: int, strategy: str, layout: str) -> dict:
     mesh = mesh_lib.make_mesh({"fsdp": -1, "sequence": sp})
     llm_cfg = dataclasses.replace(ModelConfig.longvila_r1_7b().llm, num_layers=layers)
-    abstract = nnx.eval_shape(lambda: Qwen2ForCausalLM(
-        llm_cfg, rngs=nnx.Rngs(0), dtype=DTYPE, param_dtype=DTYPE, remat=True,
-        scan_layers=True))
+    # The LLM half of the VLM: stage 1 runs before the step, its rows come in the video table.
+    abstract = nnx.eval_shape(lambda: VLM(ModelConfig(llm=llm_cfg), rngs=nnx.Rngs(0),
+                                          dtype=DTYPE, param_dtype=DTYPE, remat=True,
+                                          scan_layers=True))
     if sp > 1:
-        S.use_sequence_parallel(abstract, mesh, strategy, block_q=1024, block_k=1024,
-                                layout="zigzag" if strategy == "ring" else "contiguous")
+        S.use_sequence_parallel(abstract.llm, mesh, strategy, layout=layout, block_q=1024,
+                                block_k=1024)
     else:  # the best single-device attention: the same blockwise kernel, no T^2 logits
-        abstract.set_attention(flash.attention_fn(block_q=1024, block_k=1024))
+        abstract.llm.set_attention(flash.attention_fn(block_q=1024, block_k=1024))
     graphdef, state = nnx.split(abstract)
     shardings = mesh_lib.state_shardings(state, mesh)
     state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state,
                          shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
+    # The trainers' batch (`batch.build_batch` + `place_batch`): one sequence of prompt, video
+    # rows and response, T a multiple of the layout's split, the video table replicated.
     t = tokens_for(frames)
-    layout = "zigzag" if (strategy == "ring" and sp > 1) else "contiguous"
-    tp = -(-t // S.layout_multiple(sp, layout)) * S.layout_multiple(sp, layout)
-    index = S.layout_index(tp, sp, layout)
-    seq_sharding = NamedSharding(mesh, P(None, "sequence"))
-    ids = jax.ShapeDtypeStruct((1, tp), jnp.int32, sharding=seq_sharding)
-    positions = jax.ShapeDtypeStruct((1, tp), jnp.int32, sharding=seq_sharding)
-    valid = jax.ShapeDtypeStruct((1, tp), jnp.bool_, sharding=seq_sharding)
-    # Stage 1's output already placed at its sequence positions (zeros elsewhere), T-sharded:
-    # the splice is then a local `where`, no gather of the whole video onto each device.
-    video = jax.ShapeDtypeStruct((1, tp, llm_cfg.hidden_size), DTYPE,
-                                 sharding=NamedSharding(mesh, P(None, "sequence", None)))
-    is_video = jax.ShapeDtypeStruct((1, tp), jnp.bool_, sharding=seq_sharding)
-    resp_pos = np.arange(t - RESPONSE, t)[None]
-    targets = jax.ShapeDtypeStruct((1, RESPONSE), jnp.int32)
+    multiple = batch_lib.length_multiple(mesh, layout)
+    tp = -(-t // multiple) * multiple
+    shapes = {"token_ids": ((1, tp), jnp.int32), "video_rows": ((1, tp), jnp.int32),
+              "video_table": ((frames * (TOKENS_PER_FRAME - 1), llm_cfg.hidden_size),
+                              jnp.float32),
+              "positions": ((1, tp), jnp.int32), "valid": ((1, tp), jnp.bool_),
+              "rows": ((1, RESPONSE), jnp.int32), "targets": ((1, RESPONSE), jnp.int32),
+              "mask": ((1, RESPONSE), jnp.float32)}
+    where = batch_lib.batch_shardings(mesh, 1)
+    placed = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=where[k])
+              for k, (shape, dtype) in shapes.items()}
     adv = jax.ShapeDtypeStruct((1, RESPONSE), jnp.float32)
 
-    def step(state, ids, is_video, positions, valid, video, targets, adv):
+    def step(state, b, adv):
         def loss_fn(state):
-            llm = nnx.merge(graphdef, state)
-            embeds = jnp.where(is_video[..., None], video, llm.embed(ids))
-            seq = S.ShardedSequence((embeds,), positions=positions, valid=valid, index=index,
-                                    length=t, layout=layout)
-            logp, _ = logprobs.response_logprobs(llm, seq, resp_pos, targets, mesh=mesh)
+            logp, _ = logprobs.batch_logprobs(nnx.merge(graphdef, state), b, mesh=mesh)
             return -jnp.mean(logp * adv)
         return jax.value_and_grad(loss_fn)(state)
 
     start = time.time()
-    compiled = jax.jit(step, out_shardings=(None, shardings)).lower(
-        state, ids, is_video, positions, valid, video, targets, adv).compile()
+    compiled = jax.jit(step, out_shardings=(None, shardings)).lower(state, placed, adv).compile()
     mem = compiled.memory_analysis()
     return {"sp": sp, "frames": frames, "tokens": t, "layers": layers, "strategy": strategy,
+            "layout": batch_lib.sequence_layout(mesh, layout),
             "temp_bytes": int(mem.temp_size_in_bytes),
             "argument_bytes": int(mem.argument_size_in_bytes),
             "output_bytes": int(mem.output_size_in_bytes),
@@ -135,6 +133,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer frames and layers (< 3 min)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     ap.add_argument("--strategy", default="ring", choices=S.STRATEGIES)
+    ap.add_argument("--layout", default="zigzag", choices=S.LAYOUTS,
+                    help="sequence layout with sp > 1 (the trainers' config.sp.layout)")
     args = ap.parse_args()
     assert jax.device_count() == 8, "needs 8 (fake) devices"
     if args.quick:
@@ -147,7 +147,7 @@ def main():
           f"{'compile s':>9}")
     for sp in (1, 2, 4, 8):
         for layers, frames in grid:
-            r = compile_step(sp, frames, layers, args.strategy)
+            r = compile_step(sp, frames, layers, args.strategy, args.layout)
             rows.append(r)
             print(f"{sp:>3} {frames:>6} {r['tokens']:>7} {layers:>6} {r['temp_bytes'] / GB:>9.2f} "
                   f"{r['argument_bytes'] / GB:>8.2f} {r['compile_s']:>9.1f}", flush=True)
@@ -168,7 +168,8 @@ def main():
             json.dump(rows, fh, indent=1)
         with open(os.path.splitext(args.out)[0] + "_summary.json", "w") as fh:
             json.dump({"ratio_sp1_over_sp8": temp[1] / temp[8], "frames": big, "layers": lay,
-                       "fit_80gb": fits, "strategy": args.strategy}, fh, indent=1)
+                       "fit_80gb": fits, "strategy": args.strategy, "layout": args.layout},
+                      fh, indent=1)
 
 
 if __name__ == "__main__":

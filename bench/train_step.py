@@ -130,7 +130,7 @@ def make_config(args, preset: str):
     c.model.remat = args.remat
     c.model.scan_layers = args.scan_layers
     c.mesh = common.mesh_config(fsdp=-1, sequence=args.sp)
-    c.sp = common.sp_config(strategy=args.strategy, layout="contiguous")
+    c.sp = common.sp_config(strategy=args.strategy, layout=args.layout)
     c.rl = common.rl_config(steps=1, prompts_per_step=args.batch, group_size=2, lr=1e-6,
                             max_response_tokens=args.response_len)
     c.sft = common.sft_config(steps=1, batch_size=args.batch, lr=1e-6,
@@ -138,7 +138,7 @@ def make_config(args, preset: str):
     return c
 
 
-def make_batch(cfg, t: int, b: int, r: int, seed: int = 0):
+def make_batch(cfg, t: int, b: int, r: int, seed: int = 0, length_multiple: int = 64):
     """B sequences of exactly T tokens: prompt (+ video rows for a VLM) + R response tokens."""
     rng = np.random.default_rng(seed)
     vocab, d = cfg.llm.vocab_size, cfg.llm.hidden_size
@@ -161,8 +161,10 @@ def make_batch(cfg, t: int, b: int, r: int, seed: int = 0):
             video = np.zeros((0, d), np.float32)
         prompts.append(prompts_lib.Prompt(None, ids, layout, f"video{i}", video))
     responses = [rng.integers(16, vocab, r).astype(np.int32) for _ in range(b)]
-    batch = batch_lib.build_batch(prompts, responses, response_len=r)
-    assert batch.token_ids.shape == (b, t), batch.token_ids.shape
+    batch = batch_lib.build_batch(prompts, responses, response_len=r,
+                                  length_multiple=length_multiple)
+    if batch.token_ids.shape != (b, t):
+        raise SystemExit(f"--seq_len {t} is not a multiple of {length_multiple} (the layout's)")
     return batch, frames
 
 
@@ -201,7 +203,10 @@ def bench_preset(args, spec: str, attention: str, peak: float) -> list[dict]:
                  "flash" if attention == "flash" else "dense")
     rows = []
     for t in args.seq_len:
-        batch, frames = make_batch(cfg, t, args.batch, args.response_len)
+        layout = config.sp.layout
+        batch, frames = make_batch(cfg, t, args.batch, args.response_len,
+                                   length_multiple=batch_lib.length_multiple(mesh, layout))
+        batch = batch_lib.in_layout(batch, mesh, layout)
         table = batch_lib.place_table(batch.video_table, mesh)
         shape = batch.targets.shape
         rng = np.random.default_rng(1)
@@ -251,6 +256,8 @@ def main():
                     choices=["sft", "rl_update"])
     ap.add_argument("--sp", type=int, default=1, help="sequence axis (the rest is fsdp)")
     ap.add_argument("--strategy", default="ring", choices=["ring", "ulysses", "all_gather_kv"])
+    ap.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"],
+                    help="sequence layout with --sp > 1 (config.sp.layout)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--remat", action="store_true")
     ap.add_argument("--scan_layers", action="store_true")

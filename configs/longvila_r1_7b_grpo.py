@@ -34,7 +34,7 @@ def get_config(arg: str | None = None):
         scan_layers=not runlocal, remat=not runlocal, attention="dense" if runlocal else "flash")
     c.mesh = common.mesh_config(fsdp=-1, sequence=1 if runlocal else 4)
     c.sharding_rules = common.sharding_rules()
-    c.sp = common.sp_config(strategy="ring", layout="contiguous", frames_per_chunk=16)
+    c.sp = common.sp_config(strategy="ring", layout="zigzag", frames_per_chunk=16)
     c.data = common.data_config(num_frames=16 if runlocal else 256)
     if runlocal:
         c.dataset = common.synthetic_dataset(num_train=32, num_eval=8, video_frames=48)

@@ -8,6 +8,7 @@ policy update: rows are whole sequences, the video rows are stored once per dist
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import jax
@@ -16,6 +17,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from longrl_jax.parallel import mesh as mesh_lib
+from longrl_jax.parallel import sequence
 from longrl_jax.prompts import Prompt
 
 
@@ -92,10 +94,48 @@ def build_batch(prompts: Sequence[Prompt], responses: Sequence[np.ndarray], *,
 _SEQUENCE_FIELDS = ("token_ids", "video_rows", "positions", "valid")
 
 
-def place_batch(batch: SequenceBatch, mesh, rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES
-                ) -> dict[str, jax.Array]:
-    """Rows over the 'batch' rule's mesh axes; the sequence dimension over 'sequence'; the video
-    table replicated."""
+def sequence_layout(mesh, layout: str) -> str:
+    """The layout T is placed in on `mesh`: `layout` with a 'sequence' axis, else contiguous
+    (without sequence parallelism the order does not matter, and nothing is reordered)."""
+    if layout not in sequence.LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {sequence.LAYOUTS}")
+    return layout if mesh.shape["sequence"] > 1 else "contiguous"
+
+
+def length_multiple(mesh, layout: str, floor: int = 64) -> int:
+    """The `build_batch` length multiple for placing on `mesh` in `layout`: a multiple of
+    `floor` that the layout's split of T over the 'sequence' axis divides (2*sp for zigzag)."""
+    sp = mesh.shape["sequence"]
+    return math.lcm(floor, sequence.layout_multiple(sp, sequence_layout(mesh, layout)))
+
+
+def in_layout(batch: SequenceBatch, mesh, layout: str) -> SequenceBatch:
+    """The batch with T in `layout` order for `mesh`, ready to be placed.
+
+    With a 'sequence' axis, T is put in `layout` order (`sequence.layout_index`; 'zigzag' gives
+    device i the chunks i and 2sp-1-i, balancing causal attention), which must be the layout the
+    installed attention was told (`build.install_attention`: `config.sp.layout`). The per-token
+    fields move together, so positions keep their original values (RoPE) and padding stays
+    invalid; `rows` are mapped to the layout positions of the hidden states they name, where
+    `sequence.gather_rows` finds them. T must be a multiple of the layout's split (see
+    `length_multiple`). Without a 'sequence' axis the layout does not matter: nothing moves."""
+    sp = mesh.shape["sequence"]
+    layout = sequence_layout(mesh, layout)
+    index = sequence.layout_index(batch.token_ids.shape[1], sp, layout)  # validates T
+    if layout == "contiguous":
+        return batch
+    arrays = batch.arrays()
+    for name in _SEQUENCE_FIELDS:
+        arrays[name] = arrays[name][:, index]
+    arrays["rows"] = sequence.inverse_index(index)[arrays["rows"]]
+    return SequenceBatch(**arrays)
+
+
+def place_batch(batch: SequenceBatch, mesh, rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES,
+                layout: str = "contiguous") -> dict[str, jax.Array]:
+    """The batch in `layout` order (`in_layout`) on the mesh: rows over the 'batch' rule's mesh
+    axes, the sequence dimension over 'sequence', the video table replicated."""
+    batch = in_layout(batch, mesh, layout)
     return dict(place_rows(batch.row_arrays(), mesh, rules),
                 video_table=place_table(batch.video_table, mesh))
 
@@ -105,18 +145,32 @@ def place_table(table: np.ndarray, mesh) -> jax.Array:
     return jax.device_put(table, NamedSharding(mesh, P()))
 
 
+def row_sharding(mesh, name: str, shape, rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES, *,
+                 stacked: bool = False) -> NamedSharding:
+    """Where a per-row field [B, ...] (or [n, B, ...] micro-batches when `stacked`) goes:
+    rows over the 'batch' rule's axes, a sequence field's T over 'sequence'."""
+    seq = "sequence" if mesh.shape["sequence"] > 1 else None
+    lead = (None,) if stacked else ()
+    bax = mesh_lib.batch_axes(mesh, shape[len(lead)], rules)
+    spec = (*lead, bax, seq if name in _SEQUENCE_FIELDS else None)[:len(shape)]
+    return NamedSharding(mesh, P(*spec))
+
+
 def place_rows(arrays: dict[str, np.ndarray], mesh,
                rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES, *, stacked: bool = False
                ) -> dict[str, jax.Array]:
-    """Per-row arrays [B, ...] (or [n, B, ...] micro-batches when `stacked`) onto the mesh:
-    rows over the 'batch' rule's axes, the sequence fields' T over 'sequence'."""
-    seq = "sequence" if mesh.shape["sequence"] > 1 else None
-    lead = (None,) if stacked else ()
-    out = {}
-    for name, a in arrays.items():
-        bax = mesh_lib.batch_axes(mesh, a.shape[len(lead)], rules)
-        spec = P(*(*lead, bax, seq if name in _SEQUENCE_FIELDS else None)[:a.ndim])
-        out[name] = jax.device_put(a, NamedSharding(mesh, spec))
+    """Per-row arrays onto the mesh (`row_sharding`)."""
+    return {name: jax.device_put(a, row_sharding(mesh, name, a.shape, rules, stacked=stacked))
+            for name, a in arrays.items()}
+
+
+def batch_shardings(mesh, batch_size: int, rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES
+                    ) -> dict[str, NamedSharding]:
+    """Where `place_batch` puts each field of a `SequenceBatch` of `batch_size` rows."""
+    out = {"video_table": NamedSharding(mesh, P())}
+    for f in dataclasses.fields(SequenceBatch):
+        if f.name != "video_table":
+            out[f.name] = row_sharding(mesh, f.name, (batch_size, 1), rules)
     return out
 
 

@@ -11,6 +11,7 @@ from longrl_jax.build import ATTENTION
 from longrl_jax.data.prepare import DATASET_KINDS
 from longrl_jax.data.synthetic import OPTION_ORDERS, TRACES
 from longrl_jax.optim import TRAINABLE
+from longrl_jax.parallel.sequence import LAYOUTS as SP_LAYOUTS
 from longrl_jax.parallel.sequence import STRATEGIES as SP_STRATEGIES
 from longrl_jax.rl.algorithms import AGG_MODES as AGGS
 from longrl_jax.rl.algorithms import ESTIMATORS
@@ -70,9 +71,8 @@ def _check_model(c, need) -> None:
     need(c.model.attention in ATTENTION, "model.attention", " or ".join(ATTENTION))
     need(c.sp.strategy in SP_STRATEGIES, "sp.strategy",
          f"unknown SP strategy {c.sp.strategy!r}; choose from {SP_STRATEGIES}")
-    if c.mesh.sequence != 1:
-        need(c.sp.layout == "contiguous", "sp.layout",
-             "the trainers feed contiguous sequences (ring attention balances them itself)")
+    need(c.sp.layout in SP_LAYOUTS, "sp.layout",
+         f"unknown sequence layout {c.sp.layout!r}; choose from {SP_LAYOUTS}")
 
 
 def _check_sft(s, need) -> None:

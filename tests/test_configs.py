@@ -50,3 +50,12 @@ def test_init_std_rescales_random_weights_only():
     assert abs(q.std() - 0.1) < 0.01
     assert np.all(np.asarray(model.llm.norm.scale[...]) == 1.0)
     assert np.all(np.asarray(model.llm.layers[0].self_attn.q_proj.bias[...]) == 0.0)
+
+
+def test_sp_layout_zigzag_is_accepted_with_a_sequence_axis():
+    c = importlib.import_module("configs.demo").get_config(None)
+    c.mesh.update(fsdp=2, sequence=4)
+    c.sp.layout = "zigzag"
+    assert not [e for e in config_check.validate(c) if e.startswith("config.sp.")]
+    c.sp.layout = "striped"
+    assert [e for e in config_check.validate(c) if e.startswith("config.sp.layout")]

@@ -18,11 +18,12 @@ def _run(args, timeout=600, devices=8):
 
 
 def test_main_trains_with_sequence_parallelism(tmp_path):
-    """CoT-SFT of the quick demo with MR-SP (ring, sequence 4 x fsdp 2), scanned remat layers."""
+    """CoT-SFT of the quick demo with MR-SP (ring, zig-zag, sequence 4 x fsdp 2), scanned remat
+    layers."""
     r = _run(["-m", "longrl_jax.main", "--config=configs/demo.py:quick", f"--workdir={tmp_path}",
               "--config.stages=('sft',)", "--config.mesh.sequence=4", "--config.mesh.fsdp=2",
               "--config.model.scan_layers=True", "--config.model.remat=True",
-              "--config.sft.steps=3"])
+              "--config.sp.layout=zigzag", "--config.sft.steps=3"])
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     losses = [row["loss"] for row in rows if row["stage"] == "sft"]

@@ -9,14 +9,13 @@ import jax
 import numpy as np
 import optax
 import pytest
+from batch_fixtures import SEP_ID, VIDEO_ID, toy_batch
 from flax import nnx
 
 from configs import demo
 from longrl_jax import batch as batch_lib
 from longrl_jax import build
-from longrl_jax import prompts as prompts_lib
 from longrl_jax.grad_accumulation import num_micro_batches
-from longrl_jax.models.splice import splice_layout
 from longrl_jax.optim import trainable_filter
 from longrl_jax.rl import trainer as rl_trainer
 from longrl_jax.sft import trainer as sft_trainer
@@ -30,22 +29,14 @@ def _setup(loss_agg="token-mean"):
     config.mesh.update(MESH)
     config.rl.loss_agg = loss_agg
     config.rl.kl_coef = 0.05
-    model, mesh = build.build_model(config, video_token_id=3, separator_token_id=4)
+    model, mesh = build.build_model(config, video_token_id=VIDEO_ID, separator_token_id=SEP_ID)
     return config, model, mesh
 
 
 def _batch(seed=0):
     rng = np.random.default_rng(seed)
-    ids = [10, 11, 3, 12, 13]
-    prompts = []
-    for i in range(ROWS):
-        lay = splice_layout(ids, video_token_id=3, frames_per_video=[4], tokens_per_frame=4,
-                            separator_id=4)
-        rows = rng.normal(size=(16, 64)).astype(np.float32) * 0.5
-        prompts.append(prompts_lib.Prompt(None, np.array(ids), lay, f"v{i % 3}", rows))
-    responses = [rng.integers(20, 60, size=n).astype(np.int32)
-                 for n in (1, 8, 3, 5, 2, 7, 4, 6)]          # uneven lengths
-    batch = batch_lib.build_batch(prompts, responses, response_len=8)
+    batch = toy_batch((1, 8, 3, 5, 2, 7, 4, 6), seed=seed, row_scale=0.5,   # uneven lengths
+                      num_videos=3)
     shape = batch.targets.shape
     rl = dict(adv=rng.standard_normal(shape[0]).astype(np.float32),
               old_logp=-rng.random(shape).astype(np.float32),

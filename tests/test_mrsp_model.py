@@ -3,12 +3,18 @@ loss gradient and response log-probs with SP on) equal the single-device computa
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from longrl_jax import batch as batch_lib
+from longrl_jax import build
+from longrl_jax import prompts as prompts_lib
 from longrl_jax.models import VLM, ModelConfig
-from longrl_jax.models.splice import splice_layout
+from longrl_jax.models.splice import splice_embeddings, splice_layout
 from longrl_jax.parallel import logprobs, video_encoding
 from longrl_jax.parallel import mesh as mesh_lib
 from longrl_jax.parallel import sequence as S
@@ -44,29 +50,39 @@ def test_stage1_sharded_encoding_equals_unsharded(model, sizes, num_frames):
     assert _rel(out, ref) < 1e-5
 
 
-def _spliced(model, num_frames=9, seed=0):
-    """A spliced prompt: text, a video, text, then a response, as the trainer builds it."""
+def _prompt(model, num_frames, seed, key):
+    """A prompt with a video: text, the video's rows, text (as `RunContext.prompts` makes)."""
     rs = np.random.RandomState(seed)
     frames = jnp.asarray(rs.uniform(-1, 1, (num_frames, 32, 32, 3)).astype(np.float32))
-    prompt = [1, 7, 8, V_TOKEN, 9, 10]
-    response = list(rs.randint(11, 96, 6))
-    lay = splice_layout(prompt + response, video_token_id=V_TOKEN, frames_per_video=[num_frames],
+    ids = [1, 7, 8, V_TOKEN, 9, 10]
+    lay = splice_layout(ids, video_token_id=V_TOKEN, frames_per_video=[num_frames],
                         tokens_per_frame=model.cfg.tokens_per_frame, separator_id=SEP)
-    video_embeds = model.encode_video(frames).reshape(-1, 64)
-    embeds = model.splice(jnp.asarray(lay.token_ids)[None], jnp.asarray(lay.video_rows)[None],
-                          video_embeds)
-    embeds = jnp.concatenate([embeds, embeds[:, ::-1] * 0.5])  # batch 2, different contents
-    t = lay.length
-    resp_pos = np.stack([np.arange(t - 6, t)] * 2)
-    targets = np.stack([lay.token_ids[t - 6:]] * 2)
-    return embeds, resp_pos, targets
+    rows = np.asarray(model.encode_video(frames)).reshape(-1, model.cfg.llm.hidden_size)
+    return prompts_lib.Prompt(None, np.array(ids), lay, key, rows)
+
+
+def _batch(model, mesh, layout, num_frames=9, response_len=6):
+    """Two sequences of the same length (two videos, a response of `response_len` tokens each),
+    as the trainer builds them, and the unsharded reference inputs: spliced embeddings [B, t, D]
+    (t the real length), response positions and targets [B, R]."""
+    rs = np.random.RandomState(0)
+    prompts = [_prompt(model, num_frames, seed, f"v{seed}") for seed in (0, 1)]
+    responses = [rs.randint(11, 96, response_len).astype(np.int32) for _ in prompts]
+    batch = batch_lib.build_batch(prompts, responses, response_len=response_len,
+                                  length_multiple=batch_lib.length_multiple(mesh, layout))
+    t = int(batch.valid.sum(1).max())
+    embeds = model.splice(jnp.asarray(batch.token_ids), jnp.asarray(batch.video_rows),
+                          jnp.asarray(batch.video_table))[:, :t]
+    placed = batch_lib.place_batch(batch, mesh, layout=layout)
+    return batch, placed, embeds, batch.rows + 1, batch.targets
 
 
 @pytest.mark.parametrize("strategy,sp,layout", [
     ("all_gather_kv", 8, "contiguous"), ("ulysses", 4, "contiguous"), ("ring", 8, "zigzag"),
     ("ring", 2, "contiguous")])
 def test_stage2_forward_loss_grad_and_response_logprobs(model, strategy, sp, layout):
-    embeds, resp_pos, targets = _spliced(model)
+    mesh = mesh_lib.make_mesh({"sequence": sp, "fsdp": -1})
+    batch, placed, embeds, resp_pos, targets = _batch(model, mesh, layout)
     b, t = embeds.shape[:2]
     ids = jnp.asarray(np.random.RandomState(1).randint(0, 96, (b, t)))
 
@@ -77,53 +93,54 @@ def test_stage2_forward_loss_grad_and_response_logprobs(model, strategy, sp, lay
     ref_loss, ref_grads = nnx.value_and_grad(loss_dense)(model.llm)
     ref_logits = model.llm(inputs_embeds_btd=embeds)
 
-    mesh = mesh_lib.make_mesh({"sequence": sp, "fsdp": -1})
-    llm = nnx.clone(model.llm)
-    S.use_sequence_parallel(llm, mesh, strategy, layout=layout, block_q=8, block_k=8)
-    nxt = jnp.concatenate([ids[:, 1:], jnp.zeros((b, 1), ids.dtype)], 1)
-    seq = S.pad_and_shard(embeds, nxt, mesh=mesh, layout=layout)
-    e, n = seq.arrays
-    predicts = jnp.asarray(seq.index < t - 1)[None]
+    vlm = nnx.clone(model)
+    S.use_sequence_parallel(vlm.llm, mesh, strategy, layout=layout, block_q=8, block_k=8)
+    tp = batch.token_ids.shape[1]
+    index = S.layout_index(tp, sp, layout)  # the placed order
+    unshard = lambda x: jnp.take(x, jnp.asarray(S.inverse_index(index)[:t]), axis=1)  # noqa: E731
+    e = jax.device_put(model.splice(placed["token_ids"], placed["video_rows"],
+                                    placed["video_table"]),
+                       NamedSharding(mesh, P(None, "sequence", None)))
+    nxt = jnp.asarray(np.pad(np.asarray(ids[:, 1:]), ((0, 0), (0, tp - t + 1)))[:, index])
+    predicts = jnp.asarray(index < t - 1)[None]
+    pos, valid = placed["positions"], placed["valid"]
 
     @nnx.jit
     def logits_sp(llm):
-        return llm(inputs_embeds_btd=e, positions_bt=seq.positions, attention_mask_bt=seq.valid)
+        return llm(inputs_embeds_btd=e, positions_bt=pos, attention_mask_bt=valid)
 
-    assert _rel(seq.unshard(logits_sp(llm)), ref_logits) < 1e-4
+    assert _rel(unshard(logits_sp(vlm.llm)), ref_logits) < 1e-4
 
     def loss_sp(llm):
-        logits = llm(inputs_embeds_btd=e, positions_bt=seq.positions, attention_mask_bt=seq.valid)
-        lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), n[..., None], -1)[..., 0]
+        logits = llm(inputs_embeds_btd=e, positions_bt=pos, attention_mask_bt=valid)
+        lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), nxt[..., None], -1)[..., 0]
         return -jnp.sum(jnp.where(predicts, lp, 0)) / (b * (t - 1))
 
-    loss, grads = nnx.jit(nnx.value_and_grad(loss_sp))(llm)
+    loss, grads = nnx.jit(nnx.value_and_grad(loss_sp))(vlm.llm)
     assert abs(float(loss - ref_loss)) < 1e-5
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         assert _rel(g, r) < 1e-4
 
-    lp, ent = nnx.jit(lambda llm: logprobs.response_logprobs(llm, seq, resp_pos, targets,
-                                                            mesh=mesh))(llm)
+    lp, ent = nnx.jit(lambda m: logprobs.batch_logprobs(m, placed, mesh=mesh))(vlm)
     lp_ref, ent_ref = logprobs.full_logprobs(model.llm, embeds, resp_pos, targets)
     assert lp.shape == (b, 6)
     assert float(jnp.abs(lp - lp_ref).max()) < 1e-4
     assert float(jnp.abs(ent - ent_ref).max()) < 1e-4
 
 
-def test_response_logprobs_never_projects_the_whole_sequence(model):
+def test_batch_logprobs_never_projects_the_whole_sequence(model):
     """The compiled prefill has no [B, T, V] tensor: only [B, R, V]."""
-    embeds, resp_pos, targets = _spliced(model, num_frames=20)
     mesh = mesh_lib.make_mesh({"sequence": 8})
-    llm = nnx.clone(model.llm)
-    S.use_sequence_parallel(llm, mesh, "all_gather_kv")
-    seq = S.pad_and_shard(embeds, mesh=mesh)
-    graphdef, state = nnx.split(llm)
+    _, placed, _, _, _ = _batch(model, mesh, "contiguous", num_frames=20)
+    vlm = nnx.clone(model)
+    S.use_sequence_parallel(vlm.llm, mesh, "all_gather_kv")
+    graphdef, state = nnx.split(vlm)
 
     def f(state):
-        return logprobs.response_logprobs(nnx.merge(graphdef, state), seq, resp_pos, targets,
-                                         mesh=mesh)
+        return logprobs.batch_logprobs(nnx.merge(graphdef, state), placed, mesh=mesh)
 
     hlo = jax.jit(f).lower(state).as_text()
-    t_pad, v = seq.arrays[0].shape[1], model.cfg.llm.vocab_size
+    t_pad, v = placed["token_ids"].shape[1], model.cfg.llm.vocab_size
     assert f"{t_pad}x{v}" not in hlo and f"{t_pad // 8}x{v}" not in hlo
     assert f"2x6x{v}" in hlo
 
@@ -131,32 +148,124 @@ def test_response_logprobs_never_projects_the_whole_sequence(model):
 def test_scanned_rematerialised_layers_with_sp_match(model):
     """The memory configuration (stacked layers in one scan, remat, ring SP) computes the same
     loss gradient as the plain unsharded model."""
-    embeds, resp_pos, targets = _spliced(model, num_frames=6)
-    b, t = embeds.shape[:2]
-    scanned = VLM(model.cfg, rngs=nnx.Rngs(0), scan_layers=True, remat=True).llm
+    mesh = mesh_lib.make_mesh({"sequence": 4, "fsdp": -1})
+    batch, placed, _, resp_pos, targets = _batch(model, mesh, "zigzag", num_frames=6)
+    scanned = VLM(model.cfg, rngs=nnx.Rngs(0), scan_layers=True, remat=True)
     plain = model.llm
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(l) for l in plain.layers])
-    nnx.update(scanned.layers, stacked)
+    nnx.update(scanned.llm.layers, stacked)
     for name in ("embed_tokens", "norm"):
-        nnx.update(getattr(scanned, name), nnx.state(getattr(plain, name)))
+        nnx.update(getattr(scanned.llm, name), nnx.state(getattr(plain, name)))
+    t = int(batch.valid.sum(1).max())
+    host = [jnp.asarray(a) for a in (batch.token_ids, batch.video_rows, batch.video_table)]
 
-    def loss(llm, **kw):
+    def loss(llm, **kw):  # the splice inside, as in the trainer: the embedding gets its gradient
+        embeds = splice_embeddings(llm.embed(host[0]), host[2], host[1], xp=jnp)[:, :t]
         lp, _ = logprobs.full_logprobs(llm, embeds, resp_pos, targets, **kw)
         return -jnp.sum(lp)
 
     ref_loss, ref_grads = nnx.value_and_grad(loss)(plain)
-    mesh = mesh_lib.make_mesh({"sequence": 4, "fsdp": -1})
-    S.use_sequence_parallel(scanned, mesh, "ring", layout="zigzag", block_q=8, block_k=8)
-    seq = S.pad_and_shard(embeds, mesh=mesh, layout="zigzag")
+    S.use_sequence_parallel(scanned.llm, mesh, "ring", layout="zigzag", block_q=8, block_k=8)
 
-    def loss_sp(llm):
-        lp, _ = logprobs.response_logprobs(llm, seq, resp_pos, targets, mesh=mesh)
+    def loss_sp(m):
+        lp, _ = logprobs.batch_logprobs(m, placed, mesh=mesh)
         return -jnp.sum(lp)
 
-    sp_loss, sp_grads = nnx.jit(nnx.value_and_grad(loss_sp))(scanned)
+    sp_loss, grads = nnx.jit(nnx.value_and_grad(loss_sp))(scanned)
+    sp_grads = grads.llm
     assert abs(float(sp_loss - ref_loss)) < 1e-4 * abs(float(ref_loss))
     n = model.cfg.llm.num_layers
     g_layers = jax.tree.map(lambda *xs: jnp.stack(xs), *[ref_grads.layers[i] for i in range(n)])
     for a, r in zip(jax.tree.leaves(sp_grads.layers), jax.tree.leaves(g_layers)):
         assert _rel(a, r) < 1e-4
     assert _rel(sp_grads.embed_tokens.embedding[...], ref_grads.embed_tokens.embedding[...]) < 1e-4
+
+
+# ------------------------------------------------ the trainers' path: layouts agree exactly
+def _uneven_batch(model):
+    """Four sequences over two videos of different lengths, responses of uneven length (the
+    padded response slots and the padded tail of T exercise the masks)."""
+    rs = np.random.RandomState(7)
+    a, b = _prompt(model, 9, 2, "a"), _prompt(model, 5, 3, "b")
+    prompts = [a, b, a, b]
+    responses = [rs.randint(11, 96, n).astype(np.int32) for n in (6, 2, 5, 1)]
+    return prompts, responses, rs.uniform(0.5, 1.5, (4, 6)).astype(np.float32)
+
+
+def _trainer_logprobs(model, mesh, strategy, layout, prompts, responses, weights):
+    """What a trainer step does: install the configured attention, build and place the batch in
+    the configured layout, `batch_logprobs`, and the gradient of a loss over the log-probs."""
+    config = ml_collections.ConfigDict(dict(sp=dict(strategy=strategy, layout=layout),
+                                            model=dict(attention="dense")))
+    vlm = nnx.clone(model)
+    build.install_attention(vlm.llm, mesh, config)
+    batch = batch_lib.build_batch(prompts, responses, response_len=6,
+                                  length_multiple=batch_lib.length_multiple(mesh, layout))
+    placed = batch_lib.place_batch(batch, mesh, layout=layout)
+    w = jnp.asarray(weights)
+
+    def loss(m):
+        logp, ent = logprobs.batch_logprobs(m, placed, mesh=mesh)
+        return -jnp.sum(logp * w * placed["mask"]) / jnp.sum(placed["mask"]), (logp, ent)
+
+    grad_fn = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.PathContains("llm")),
+                                 has_aux=True)
+    (_, (logp, ent)), grads = nnx.jit(grad_fn)(vlm)
+    return placed, logp, ent, grads
+
+
+@pytest.fixture(scope="module")
+def sp_off(model):
+    """The reference: no sequence axis (the layout asked for must not matter there)."""
+    prompts, responses, weights = _uneven_batch(model)
+    mesh = mesh_lib.make_mesh({"fsdp": -1})
+    out = _trainer_logprobs(model, mesh, "ring", "zigzag", prompts, responses, weights)
+    contiguous = batch_lib.place_batch(
+        batch_lib.build_batch(prompts, responses, response_len=6), mesh, layout="contiguous")
+    for name, a in out[0].items():  # zigzag without a sequence axis: nothing reordered
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(contiguous[name]))
+    return out[1:]
+
+
+@pytest.mark.parametrize("strategy,sp", [("ring", 2), ("ring", 4), ("all_gather_kv", 2),
+                                         ("all_gather_kv", 4), ("ulysses", 4)])
+def test_zigzag_contiguous_and_sp_off_give_the_same_logprobs_and_gradients(model, sp_off,
+                                                                            strategy, sp):
+    """Through `place_batch` + `batch_logprobs` as the trainers call them: both layouts equal
+    the run without sequence parallelism, log-probs and the gradient of a loss over them."""
+    prompts, responses, weights = _uneven_batch(model)
+    mesh = mesh_lib.make_mesh({"sequence": sp, "fsdp": -1})
+    lp_ref, ent_ref, g_ref = jax.device_get(sp_off)  # on another mesh: compare on the host
+    mask = np.asarray(batch_lib.build_batch(prompts, responses, response_len=6).mask)
+    assert (mask.sum(1) == [6, 2, 5, 1]).all()
+    for layout in ("zigzag", "contiguous"):
+        placed, lp, ent, grads = _trainer_logprobs(model, mesh, strategy, layout, prompts,
+                                                   responses, weights)
+        assert placed["token_ids"].sharding.spec[1] == "sequence"
+        lp, ent, grads = jax.device_get((lp, ent, grads))
+        lp_err = float(np.abs((lp - lp_ref) * mask).max())
+        ent_err = float(np.abs((ent - ent_ref) * mask).max())
+        g_err = max(_rel(g, r) for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(g_ref)))
+        print(f"{strategy} sp={sp} {layout}: logp {lp_err:.2e} entropy {ent_err:.2e} "
+              f"grad (rel) {g_err:.2e}")
+        assert lp_err < 1e-5 and ent_err < 1e-5
+        assert g_err < 1e-5
+
+
+def test_place_batch_zigzag_keeps_positions_and_finds_the_response_rows(model):
+    prompts, responses, _ = _uneven_batch(model)
+    mesh = mesh_lib.make_mesh({"sequence": 4, "fsdp": -1})
+    assert batch_lib.length_multiple(mesh, "zigzag") == 64
+    assert batch_lib.length_multiple(mesh, "zigzag", floor=12) == 24
+    batch = batch_lib.build_batch(prompts, responses, response_len=6)
+    placed = batch_lib.place_batch(batch, mesh, layout="zigzag")
+    index = S.layout_index(batch.token_ids.shape[1], 4, "zigzag")
+    for name in ("token_ids", "video_rows", "positions", "valid"):
+        np.testing.assert_array_equal(np.asarray(placed[name]), getattr(batch, name)[:, index])
+    np.testing.assert_array_equal(np.asarray(placed["positions"])[0], index)  # RoPE: original
+    np.testing.assert_array_equal(index[np.asarray(placed["rows"])], batch.rows)
+    for name in ("targets", "mask"):
+        np.testing.assert_array_equal(np.asarray(placed[name]), getattr(batch, name))
+    odd = batch_lib.build_batch(prompts, responses, response_len=6, length_multiple=12)
+    with pytest.raises(ValueError, match="multiple of 2\\*sp"):
+        batch_lib.place_batch(odd, mesh, layout="zigzag")

@@ -2,9 +2,10 @@
 
 The LM head and log-softmax run on the [B, R, D] hidden states of the positions that predict
 response tokens, pulled from the sequence shards that hold them, never on the [B, T, V] logits
-of a sequence that is mostly video. Two front doors: `batch_logprobs` for a placed
-`batch.SequenceBatch` (the trainers), `response_logprobs` for a `ShardedSequence` from
-`sequence.pad_and_shard` (benches, tests).
+of a sequence that is mostly video. One front door, `batch_logprobs`, for a placed
+`batch.SequenceBatch` (`batch.place_batch`, in the layout the installed attention was told):
+the trainers, the benches and the tests all go through it. `full_logprobs` is the unsharded
+reference the tests compare against.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from longrl_jax.models.qwen2 import Qwen2ForCausalLM, token_logprobs
 from longrl_jax.parallel.mesh import batch_axes
-from longrl_jax.parallel.sequence import ShardedSequence, gather_rows
+from longrl_jax.parallel.sequence import gather_rows
 
 
 def predicting_positions(response_positions_br: np.ndarray) -> np.ndarray:
@@ -44,22 +45,6 @@ def head_logprobs(llm: Qwen2ForCausalLM, h_brd, targets_br, chunk: int = 128):
     return unchunk(logp), unchunk(ent)
 
 
-def response_logprobs(llm: Qwen2ForCausalLM, seq: ShardedSequence, response_positions_br,
-                      targets_br, *, mesh=None, axis: str = "sequence", chunk: int = 128):
-    """(log p, entropy) [B, R] of `targets_br` at original positions `response_positions_br`.
-
-    `seq.arrays[0]` holds the spliced input embeddings [B, Tp, D] (from `pad_and_shard`); with
-    `mesh`, rows are gathered from their shards, otherwise taken directly."""
-    h = llm.hidden_states(inputs_embeds_btd=seq.arrays[0], positions_bt=seq.positions,
-                          attention_mask_bt=seq.valid)
-    rows = seq.to_layout(predicting_positions(response_positions_br))
-    if mesh is not None and mesh.shape[axis] > 1:
-        h_r = gather_rows(h, rows, mesh=mesh, axis=axis)
-    else:
-        h_r = jnp.take_along_axis(h, jnp.asarray(rows)[..., None], axis=1)
-    return head_logprobs(llm, h_r, targets_br, chunk)
-
-
 def full_logprobs(llm: Qwen2ForCausalLM, embeds_btd, response_positions_br, targets_br,
                   positions_bt=None, attention_mask_bt=None):
     """The unsharded reference: full logits, then the response positions."""
@@ -72,7 +57,8 @@ def full_logprobs(llm: Qwen2ForCausalLM, embeds_btd, response_positions_br, targ
 
 def batch_logprobs(model, b: dict, *, mesh) -> tuple[jax.Array, jax.Array]:
     """(log p, entropy) [B, R] of the response tokens of a placed `SequenceBatch` (`b`, from
-    `batch.place_batch`); runs inside jit."""
+    `batch.place_batch`, T in the installed attention's layout; `b["rows"]` are layout
+    positions); runs inside jit."""
     x = model.splice(b["token_ids"], b["video_rows"], b["video_table"])
     sp = mesh.shape["sequence"]
     if sp > 1:
@@ -87,5 +73,4 @@ def batch_logprobs(model, b: dict, *, mesh) -> tuple[jax.Array, jax.Array]:
     return head_logprobs(model.llm, h_r, b["targets"])
 
 
-__all__ = ["batch_logprobs", "full_logprobs", "head_logprobs", "predicting_positions",
-           "response_logprobs"]
+__all__ = ["batch_logprobs", "full_logprobs", "head_logprobs", "predicting_positions"]

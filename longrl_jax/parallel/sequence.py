@@ -18,11 +18,15 @@ Every strategy computes the block attention with `models.flash` (blockwise, exac
 fully masked block pairs skipped), masking by *global* token index, so all of them are exact
 for any layout and any padding.
 
-`pad_and_shard` prepares a spliced sequence: pads T to a multiple of the axis (never drops a
-token), computes positions globally before sharding, marks padding invalid, reorders to the
-chosen layout and places the arrays. `gather_rows` pulls a few rows (response positions) out
-of a T-sharded array from the shard that holds each; `chunked_device_get` moves a long array to
-host in bounded pieces (the paper's chunked gathering).
+A layout is an order of T over the axis: `layout_index` (the original index at each position,
+device-major) and `inverse_index` (the position of each original index). The trainers' token
+batches are put in it by `batch.place_batch`; `pad_and_shard` does the same for arbitrary
+[B, T, ...] activations (q/k/v in the attention tests and `bench/sp_attention.py`): pads T to a
+multiple of the axis (never drops a token), computes positions globally before sharding, marks
+padding invalid, reorders to the chosen layout and places the arrays. `gather_rows` pulls a few
+rows (response positions) out of a T-sharded array from the shard that holds each;
+`chunked_device_get` moves a long array to host in bounded pieces (the paper's chunked
+gathering).
 """
 
 from __future__ import annotations
@@ -61,7 +65,15 @@ def layout_index(length: int, sp: int, layout: str) -> np.ndarray:
 
 
 def layout_multiple(sp: int, layout: str) -> int:
+    """What the length must be a multiple of for `layout` over sp devices."""
     return 2 * sp if layout == "zigzag" else sp
+
+
+def inverse_index(index: np.ndarray) -> np.ndarray:
+    """[T] layout position of each original index, for `index` from `layout_index`."""
+    inv = np.empty_like(index)
+    inv[index] = np.arange(len(index), dtype=index.dtype)
+    return inv
 
 
 def _zigzag_perms(sp: int):
@@ -240,9 +252,9 @@ def attention(q, k, v, *, mesh, strategy: str = "all_gather_kv", causal: bool = 
     """Sequence-parallel exact attention; q [B,T,Hq,D], k/v [B,T,Hkv,D] sharded on T.
 
     `layout` says how T is ordered across the axis ('contiguous', or 'zigzag' as produced by
-    `pad_and_shard(layout='zigzag')`); `kv_valid` [B,T] masks padded keys. A contiguous T that
-    the axis does not divide is padded here (masked keys at the end, rows dropped after); a
-    zig-zag T must already be a multiple of 2*sp (`pad_and_shard` makes it so).
+    `batch.place_batch` or `pad_and_shard`); `kv_valid` [B,T] masks padded keys. A contiguous T
+    that the axis does not divide is padded here (masked keys at the end, rows dropped after); a
+    zig-zag T must already be a multiple of 2*sp (`batch.length_multiple`, `pad_and_shard`).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown SP strategy {strategy!r}; choose from {STRATEGIES}")
@@ -310,7 +322,7 @@ def attention_fn(mesh, strategy: str, *, layout: str = "contiguous", axis: str =
 def use_sequence_parallel(llm, mesh, strategy: str, *, layout: str = "contiguous",
                           axis: str = "sequence", block_q: int = 512, block_k: int = 512) -> None:
     """Installs `strategy` as the attention of a Qwen2 LLM (MR-SP stage 2); its inputs must then
-    come from `pad_and_shard` (or `batch.place_batch`) with the same layout."""
+    come in the same layout (`batch.place_batch(..., layout=)`, or `pad_and_shard`)."""
     llm.set_attention(attention_fn(mesh, strategy, layout=layout, axis=axis, block_q=block_q,
                                    block_k=block_k),
                       act_sharding=NamedSharding(mesh, P(P.UNCONSTRAINED, axis, None)))
@@ -319,7 +331,8 @@ def use_sequence_parallel(llm, mesh, strategy: str, *, layout: str = "contiguous
 # --------------------------------------------------------------------------- pad and shard
 @dataclasses.dataclass(frozen=True)
 class ShardedSequence:
-    """A padded, layout-ordered, sharded sequence batch and what is needed to undo it."""
+    """Padded, layout-ordered, sharded activations and what is needed to undo it (the
+    attention-level tests and bench; token batches go through `batch.place_batch`)."""
 
     arrays: tuple            # the inputs, [B, Tp, ...] each, in layout order
     positions: jax.Array     # [B, Tp] RoPE positions, computed before reordering
@@ -331,9 +344,7 @@ class ShardedSequence:
     @property
     def inverse(self) -> np.ndarray:
         """[Tp] layout position of each original index."""
-        inv = np.empty_like(self.index)
-        inv[self.index] = np.arange(len(self.index), dtype=self.index.dtype)
-        return inv
+        return inverse_index(self.index)
 
     def to_layout(self, original_positions: np.ndarray) -> np.ndarray:
         """Layout positions of original indices (e.g. response token positions)."""
@@ -425,5 +436,6 @@ def put_from_host(host, sharding: NamedSharding) -> jax.Array:
 
 
 __all__ = ["LAYOUTS", "STRATEGIES", "ShardedSequence", "attention", "attention_fn",
-           "chunked_device_get", "gather_rows", "layout_index", "pad_and_shard", "put_from_host",
+           "chunked_device_get", "gather_rows", "inverse_index", "layout_index",
+           "layout_multiple", "pad_and_shard", "put_from_host",
            "ulysses_head_plan", "use_sequence_parallel"]

@@ -24,6 +24,8 @@ from longrl_jax import metrics as metrics_lib
 from longrl_jax.batch import (
     SequenceBatch,
     build_batch,
+    in_layout,
+    length_multiple,
     place_micro_batches,
     place_rows,
     place_table,
@@ -139,10 +141,13 @@ def shaped_rewards(rollouts: Rollouts, c) -> np.ndarray:
     return rewards
 
 
-def sequence_batch(rollouts: Rollouts, c) -> SequenceBatch:
+def sequence_batch(ctx: RunContext, rollouts: Rollouts) -> SequenceBatch:
+    """The sampled sequences, their length a multiple that the mesh's sequence layout splits."""
+    c = ctx.config.rl
     responses = [np.asarray(s.token_ids[:c.max_response_tokens], np.int32)
                  for s in rollouts.samples]
-    return build_batch(rollouts.prompts, responses, response_len=c.max_response_tokens)
+    return build_batch(rollouts.prompts, responses, response_len=c.max_response_tokens,
+                       length_multiple=length_multiple(ctx.mesh, ctx.config.sp.layout))
 
 
 def server_logprobs(rollouts: Rollouts, shape) -> np.ndarray:
@@ -219,7 +224,7 @@ def train(ctx: RunContext, connection, evaluator=None) -> dict:
 
         # ---- old-policy and reference log-probs on the identical sequences ------------------------
         with ctx.timers("prefill"):
-            batch = sequence_batch(rollouts, c)
+            batch = in_layout(sequence_batch(ctx, rollouts), ctx.mesh, ctx.config.sp.layout)
             table = place_table(batch.video_table, ctx.mesh)    # once per step
             old_logp, *ref_logp = logprobs_in_micro_batches(
                 logprob_fn, [model] + ([ref] if ref is not None else []), batch, table, ctx)

@@ -17,7 +17,13 @@ import optax
 from flax import nnx
 
 from longrl_jax import metrics as metrics_lib
-from longrl_jax.batch import build_batch, place_micro_batches, place_table
+from longrl_jax.batch import (
+    build_batch,
+    in_layout,
+    length_multiple,
+    place_micro_batches,
+    place_table,
+)
 from longrl_jax.checkpoint import open_checkpoints
 from longrl_jax.context import RunContext, next_examples
 from longrl_jax.grad_accumulation import num_micro_batches, value_and_grad_accumulated
@@ -78,7 +84,9 @@ def make_batch(ctx: RunContext, prompts) -> tuple[dict, dict]:
     c = ctx.config
     responses = [response_ids(ctx.tokenizer, p.example.sft_target(), ctx.tokens)
                  [:c.sft.max_response_tokens] for p in prompts]
-    batch = build_batch(prompts, responses, response_len=c.sft.max_response_tokens)
+    batch = build_batch(prompts, responses, response_len=c.sft.max_response_tokens,
+                        length_multiple=length_multiple(ctx.mesh, c.sp.layout))
+    batch = in_layout(batch, ctx.mesh, c.sp.layout)
     n = num_micro_batches(len(prompts), c.sft.micro_batch_size, ctx.mesh, ctx.rules)
     micro = place_micro_batches(batch.row_arrays(), n, ctx.mesh, ctx.rules)
     shared = {"video_table": place_table(batch.video_table, ctx.mesh)}
