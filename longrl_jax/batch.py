@@ -33,7 +33,9 @@ class SequenceBatch:
     mask: np.ndarray            # [B, R] 1.0 for real response tokens
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return dataclasses.asdict(self)
+        """The fields by name, not copied (`dataclasses.asdict` would deep-copy the video table
+        on every call)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def row_arrays(self) -> dict[str, np.ndarray]:
         """The per-sequence fields (everything but the shared video table)."""
