@@ -10,16 +10,17 @@ from longrl_jax.models.splice import splice_layout
 VIDEO_ID, SEP_ID = 3, 4
 
 
-def toy_batch(lengths, *, seed=0, row_scale=0.02, num_videos=None, length_multiple=64):
+def toy_batch(lengths, *, seed=0, row_scale=0.02, num_videos=None, length_multiple=64,
+              frames=4):
     """A `SequenceBatch` of len(lengths) rows; `num_videos` distinct videos shared round-robin
-    (default: one per row)."""
+    (default: one per row), of `frames` frames each."""
     rng = np.random.default_rng(seed)
     ids = [10, 11, VIDEO_ID, 12, 13]
-    lay = splice_layout(ids, video_token_id=VIDEO_ID, frames_per_video=[4], tokens_per_frame=4,
-                        separator_id=SEP_ID)
+    lay = splice_layout(ids, video_token_id=VIDEO_ID, frames_per_video=[frames],
+                        tokens_per_frame=4, separator_id=SEP_ID)
     prompts = []
     for i in range(len(lengths)):
-        rows = rng.normal(size=(16, 64)).astype(np.float32) * row_scale
+        rows = rng.normal(size=(4 * frames, 64)).astype(np.float32) * row_scale
         prompts.append(prompts_lib.Prompt(None, np.array(ids), lay,
                                           f"v{i % (num_videos or len(lengths))}", rows))
     responses = [rng.integers(20, 60, size=n).astype(np.int32) for n in lengths]

@@ -7,8 +7,6 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from longrl_jax import batch as batch_lib
 from longrl_jax import build
@@ -98,9 +96,9 @@ def test_stage2_forward_loss_grad_and_response_logprobs(model, strategy, sp, lay
     tp = batch.token_ids.shape[1]
     index = S.layout_index(tp, sp, layout)  # the placed order
     unshard = lambda x: jnp.take(x, jnp.asarray(S.inverse_index(index)[:t]), axis=1)  # noqa: E731
-    e = jax.device_put(model.splice(placed["token_ids"], placed["video_rows"],
-                                    placed["video_table"]),
-                       NamedSharding(mesh, P(None, "sequence", None)))
+    # the trainers' splice: each device splices its own shard of the split video table
+    e = nnx.jit(lambda m: logprobs.embed_inputs(m, placed, mesh=mesh))(vlm)
+    assert e.sharding.spec[1] == "sequence"
     nxt = jnp.asarray(np.pad(np.asarray(ids[:, 1:]), ((0, 0), (0, tp - t + 1)))[:, index])
     predicts = jnp.asarray(index < t - 1)[None]
     pos, valid = placed["positions"], placed["valid"]
@@ -260,8 +258,19 @@ def test_place_batch_zigzag_keeps_positions_and_finds_the_response_rows(model):
     batch = batch_lib.build_batch(prompts, responses, response_len=6)
     placed = batch_lib.place_batch(batch, mesh, layout="zigzag")
     index = S.layout_index(batch.token_ids.shape[1], 4, "zigzag")
-    for name in ("token_ids", "video_rows", "positions", "valid"):
+    for name in ("token_ids", "positions", "valid"):
         np.testing.assert_array_equal(np.asarray(placed[name]), getattr(batch, name)[:, index])
+    # video rows index their shard's table, which holds exactly the original rows they name
+    split = batch_lib.in_layout(batch, mesh, "zigzag")
+    np.testing.assert_array_equal(
+        batch_lib.original_video_rows(np.asarray(placed["video_rows"]), split.table_index),
+        batch.video_rows[:, index])
+    table, tindex = np.asarray(placed["video_table"]), split.table_index
+    assert table.shape[0] == 4 and placed["video_table"].sharding.spec[0] == "sequence"
+    for s in range(4):
+        used = tindex[s] >= 0
+        np.testing.assert_array_equal(table[s][used], batch.video_table[tindex[s][used]])
+        assert (table[s][~used] == 0).all()
     np.testing.assert_array_equal(np.asarray(placed["positions"])[0], index)  # RoPE: original
     np.testing.assert_array_equal(index[np.asarray(placed["rows"])], batch.rows)
     for name in ("targets", "mask"):

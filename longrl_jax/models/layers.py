@@ -108,7 +108,7 @@ class Embed(nnx.Module):
                                param_dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        return jnp.take(self.embedding[...].astype(self.dtype), ids, axis=0)
 
     def attend(self, x_btd: jax.Array) -> jax.Array:
         return jnp.einsum("BTD,VD->BTV", x_btd.astype(self.dtype),

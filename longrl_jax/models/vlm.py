@@ -44,6 +44,12 @@ class VLM(nnx.Module):
             raise ValueError("this model has no vision tower (an LLM-only checkpoint)")
         return self.mm_projector(self.vision_tower.features(frames_fhwc))
 
+    def video_table(self, table):
+        """The video rows the trainers' splice uses (`parallel.logprobs.embed_inputs`): the
+        cached rows they are given. A baseline that re-encodes frames inside every pass
+        (bench/rl_step.py) overrides this."""
+        return table
+
     def splice(self, token_ids_bt: jax.Array, video_rows_bt: jax.Array,
                video_embeds_nd: jax.Array) -> jax.Array:
         """Input embeddings [B, T, D] for a layout from `splice.splice_layout`."""

@@ -17,7 +17,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from longrl_jax.models.qwen2 import Qwen2ForCausalLM, token_logprobs
-from longrl_jax.parallel.mesh import batch_axes
+from longrl_jax.models.splice import splice_embeddings
+from longrl_jax.parallel.mesh import DEFAULT_RULES, activation_spec, logical_to_spec
 from longrl_jax.parallel.sequence import gather_rows
 
 
@@ -55,15 +56,41 @@ def full_logprobs(llm: Qwen2ForCausalLM, embeds_btd, response_positions_br, targ
     return token_logprobs(picked, jnp.asarray(targets_br))
 
 
-def batch_logprobs(model, b: dict, *, mesh) -> tuple[jax.Array, jax.Array]:
+def embed_inputs(model, b: dict, *, mesh, rules=DEFAULT_RULES) -> jax.Array:
+    """Input embeddings [B, T, D] of a placed batch, sharded by the `activation_*` rules (T over
+    'sequence'): the text embedding lookup, then each device splices its own shard of the split
+    video table (`batch.in_layout`) at its own positions. No device sees another shard's video
+    rows, and nothing of size [B, T, D] is gathered."""
+    ids = b["token_ids"]
+    seq = "sequence" if mesh.shape["sequence"] > 1 else None
+    act = activation_spec(mesh, ids.shape + (model.llm.cfg.hidden_size,), rules)
+    act = P(*act, *([None] * (3 - len(act))))
+    if act[1] != seq:
+        raise ValueError(f"activation_length must follow the batch's sequence axis ({seq}), "
+                         f"the rules give {act[1]}")
+    # The lookup reads the embedding table whole along D (vocab stays split): a gather from a
+    # D-sharded table would come out D-sharded and be resharded to T at full length.
+    emb = model.llm.embed_tokens
+    table = emb.embedding[...].astype(emb.dtype)
+    table = jax.lax.with_sharding_constraint(
+        table, NamedSharding(mesh, logical_to_spec(("vocab", None), table.shape, mesh, rules)))
+    text = jax.lax.with_sharding_constraint(jnp.take(table, ids, axis=0),
+                                            NamedSharding(mesh, act))
+
+    def local(text, rows, table):
+        return splice_embeddings(text, table[0].astype(text.dtype), rows, xp=jnp)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(act, P(act[0], seq), P(seq)),
+                         out_specs=act, check_vma=False)(text, b["video_rows"],
+                                                         model.video_table(b["video_table"]))
+
+
+def batch_logprobs(model, b: dict, *, mesh, rules=DEFAULT_RULES) -> tuple[jax.Array, jax.Array]:
     """(log p, entropy) [B, R] of the response tokens of a placed `SequenceBatch` (`b`, from
     `batch.place_batch`, T in the installed attention's layout; `b["rows"]` are layout
     positions); runs inside jit."""
-    x = model.splice(b["token_ids"], b["video_rows"], b["video_table"])
+    x = embed_inputs(model, b, mesh=mesh, rules=rules)
     sp = mesh.shape["sequence"]
-    if sp > 1:
-        bax = batch_axes(mesh, x.shape[0])
-        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(bax, "sequence", None)))
     h = model.llm.hidden_states(inputs_embeds_btd=x, positions_bt=b["positions"],
                                 attention_mask_bt=b["valid"])
     if sp > 1:
@@ -73,4 +100,4 @@ def batch_logprobs(model, b: dict, *, mesh) -> tuple[jax.Array, jax.Array]:
     return head_logprobs(model.llm, h_r, b["targets"])
 
 
-__all__ = ["batch_logprobs", "full_logprobs", "head_logprobs", "predicting_positions"]
+__all__ = ["batch_logprobs", "embed_inputs", "full_logprobs", "head_logprobs", "predicting_positions"]

@@ -37,7 +37,14 @@ DEFAULT_RULES: Rules = (
     ("vision_heads", "tensor"),
     ("vision_mlp", "tensor"),
     ("vision_merged", ("fsdp", "sequence")),
+    # Activations [B, T, D] between layers and at the splice (MaxText's activation_* rules):
+    # T over 'sequence', D whole, so no layer boundary gathers the sequence.
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", "sequence"),
+    ("activation_embed", None),
 )
+
+ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
 
 
 def mesh_shape(sizes: Mapping[str, int] | Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -139,6 +146,13 @@ def batch_axes(mesh: Mesh, batch: int, rules: Rules = DEFAULT_RULES,
     if not spec or spec[0] is None:
         return None
     return (spec[0],) if isinstance(spec[0], str) else tuple(spec[0])
+
+
+def activation_spec(mesh: Mesh, shape: Sequence[int], rules: Rules = DEFAULT_RULES
+                    ) -> PartitionSpec:
+    """Where a [B, T, D] activation lives (the `activation_*` rules): the spec the splice
+    produces and every layer boundary is constrained to."""
+    return logical_to_spec(ACTIVATION, shape, mesh, rules)
 
 
 def batch_degree(mesh: Mesh, rules: Rules = DEFAULT_RULES, leading: str = "batch") -> int:

@@ -41,7 +41,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from longrl_jax.models.flash import flash_attention, flash_backward
-from longrl_jax.parallel.mesh import batch_axes
+from longrl_jax.parallel.mesh import DEFAULT_RULES, batch_axes
 
 STRATEGIES = ("all_gather_kv", "ulysses", "ring")
 LAYOUTS = ("contiguous", "zigzag")
@@ -320,12 +320,18 @@ def attention_fn(mesh, strategy: str, *, layout: str = "contiguous", axis: str =
 
 
 def use_sequence_parallel(llm, mesh, strategy: str, *, layout: str = "contiguous",
-                          axis: str = "sequence", block_q: int = 512, block_k: int = 512) -> None:
+                          axis: str = "sequence", block_q: int = 512, block_k: int = 512,
+                          rules=DEFAULT_RULES) -> None:
     """Installs `strategy` as the attention of a Qwen2 LLM (MR-SP stage 2); its inputs must then
-    come in the same layout (`batch.place_batch(..., layout=)`, or `pad_and_shard`)."""
+    come in the same layout (`batch.place_batch(..., layout=)`, or `pad_and_shard`). Layer
+    boundaries are constrained by the `activation_length` / `activation_embed` rules (T over
+    `axis`; the batch dimension is left to the inputs)."""
+    table = dict(rules)
     llm.set_attention(attention_fn(mesh, strategy, layout=layout, axis=axis, block_q=block_q,
                                    block_k=block_k),
-                      act_sharding=NamedSharding(mesh, P(P.UNCONSTRAINED, axis, None)))
+                      act_sharding=NamedSharding(mesh, P(P.UNCONSTRAINED,
+                                                         table.get("activation_length", axis),
+                                                         table.get("activation_embed"))))
 
 
 # --------------------------------------------------------------------------- pad and shard

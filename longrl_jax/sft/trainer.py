@@ -23,12 +23,14 @@ from longrl_jax.batch import (
     length_multiple,
     place_micro_batches,
     place_table,
+    table_sharding,
 )
 from longrl_jax.checkpoint import open_checkpoints
 from longrl_jax.context import RunContext, next_examples
 from longrl_jax.grad_accumulation import num_micro_batches, value_and_grad_accumulated
 from longrl_jax.optim import optimizer
 from longrl_jax.parallel.logprobs import batch_logprobs
+from longrl_jax.parallel.mesh import DEFAULT_RULES
 from longrl_jax.prompts import response_ids
 
 log = logging.getLogger(__name__)
@@ -39,35 +41,38 @@ log = logging.getLogger(__name__)
 # ================================================================================================
 
 def _video_table(model, shared):
-    """Video rows recomputed from frames when the vision side trains, else the cached rows."""
+    """Video rows recomputed from frames when the vision side trains (split by sequence shard
+    as the batch's `table_index` says), else the cached rows."""
     if "frames" not in shared:
         return shared["video_table"]
     frames = shared["frames"]
     v, f = frames.shape[:2]
     rows = model.encode_video(frames.reshape((v * f,) + frames.shape[2:]))
     rows = rows.reshape(-1, rows.shape[-1])
-    return jnp.zeros_like(shared["video_table"]).at[:rows.shape[0]].set(rows)
+    index = shared["table_index"]
+    split = jnp.take(rows, jnp.clip(index, 0, rows.shape[0] - 1), axis=0)
+    return jnp.where((index >= 0)[..., None], split, 0).astype(shared["video_table"].dtype)
 
 
-def micro_loss(model, mb, shared, n_tokens, mesh):
+def micro_loss(model, mb, shared, n_tokens, mesh, rules=DEFAULT_RULES):
     """One micro-batch's share of the batch's mean next-token loss (and metrics)."""
     b = dict(mb, video_table=_video_table(model, shared))
-    logp, ent = batch_logprobs(model, b, mesh=mesh)
+    logp, ent = batch_logprobs(model, b, mesh=mesh, rules=rules)
     mask = b["mask"]
     loss = -(logp * mask).sum() / n_tokens
     acc = ((logp > jnp.log(0.5)) * mask).sum() / n_tokens
     return loss, {"loss": loss, "entropy": (ent * mask).sum() / n_tokens, "token_acc": acc}
 
 
-def make_step(mesh):
+def make_step(mesh, rules=DEFAULT_RULES):
     """step(model, opt, micro, shared) -> metrics: one optimizer step over a batch given as
     [n, micro, ...] row arrays (`micro`) and the rows they share (`shared`: the video table,
     and the frames when the vision side trains), gradients accumulated over n micro-batches."""
-    @nnx.jit
+    @nnx.jit(donate_argnums=(0, 1))
     def step(model, opt, micro, shared):
         n_tokens = jnp.maximum(micro["mask"].sum(), 1.0)
         (_, aux), grads = value_and_grad_accumulated(
-            lambda model, mb: micro_loss(model, mb, shared, n_tokens, mesh), model, opt.wrt,
+            lambda model, mb: micro_loss(model, mb, shared, n_tokens, mesh, rules), model, opt.wrt,
             micro)
         aux["grad_norm"] = optax.global_norm(grads)
         opt.update(model, grads)
@@ -89,8 +94,9 @@ def make_batch(ctx: RunContext, prompts) -> tuple[dict, dict]:
     batch = in_layout(batch, ctx.mesh, c.sp.layout)
     n = num_micro_batches(len(prompts), c.sft.micro_batch_size, ctx.mesh, ctx.rules)
     micro = place_micro_batches(batch.row_arrays(), n, ctx.mesh, ctx.rules)
-    shared = {"video_table": place_table(batch.video_table, ctx.mesh)}
+    shared = {"video_table": place_table(batch.video_table, ctx.mesh, ctx.model.llm.dtype)}
     if c.sft.trainable != "llm":
+        shared["table_index"] = jax.device_put(batch.table_index, table_sharding(ctx.mesh))
         seen, frames = set(), []
         for p in prompts:
             if p.video_key not in seen:
@@ -108,7 +114,7 @@ def train(ctx: RunContext) -> dict:
     c = ctx.config.sft
     model = ctx.model
     opt = optimizer(model, c.optimizer, c.trainable)
-    step_fn = make_step(ctx.mesh)
+    step_fn = make_step(ctx.mesh, ctx.rules)
     it = iter(ctx.loader("sft" if c.num_examples else "train", seed=ctx.config.seed))
     ckpt, step = open_checkpoints(ctx.path("checkpoints", "sft"), c, model, opt, it, stage="sft")
     scalars = {}
