@@ -74,9 +74,10 @@ from configs import (
 )
 from longrl_jax import batch as batch_lib  # noqa: E402
 from longrl_jax import prompts as prompts_lib
-from longrl_jax.build import build_model  # noqa: E402
+from longrl_jax.build import build_model, copy_model  # noqa: E402
 from longrl_jax.build import rules as config_rules
 from longrl_jax.config_check import validate  # noqa: E402
+from longrl_jax.grad_accumulation import num_micro_batches  # noqa: E402
 from longrl_jax.models.splice import splice_layout  # noqa: E402
 from longrl_jax.optim import optimizer  # noqa: E402
 from longrl_jax.parallel import mesh as mesh_lib  # noqa: E402
@@ -106,7 +107,8 @@ def make_config(args, sp: int):
                             frames_per_chunk=args.frames_per_chunk)
     prompts = args.prompts_per_device * jax.device_count()
     c.rl = common.rl_config(steps=1, prompts_per_step=prompts, group_size=args.group_size,
-                            lr=1e-6, max_response_tokens=args.response_len)
+                            lr=1e-6, max_response_tokens=args.response_len,
+                            micro_batch_size=args.micro_batch_size)
     c.rollout = common.rollout_config(max_model_len=1 << 20)
     errors = validate(c)
     if errors:
@@ -125,7 +127,7 @@ def build(config, image_size: int | None):
 
 
 class ReencodingVLM(nnx.Module):
-    """The `none` mode: `splice` gets frames [N, H, W, C] in place of the video table and runs
+    """The `none` mode: the passes get frames [N, H, W, C] in place of the video table and run
     the vision tower on them, so every jitted pass re-encodes the video (no stage 1)."""
 
     def __init__(self, vlm):
@@ -135,9 +137,9 @@ class ReencodingVLM(nnx.Module):
     def llm(self):
         return self.vlm.llm
 
-    def splice(self, token_ids_bt, video_rows_bt, frames_nhwc):
+    def video_table(self, frames_nhwc):
         rows = self.vlm.encode_video(frames_nhwc)
-        return self.vlm.splice(token_ids_bt, video_rows_bt, rows.reshape(-1, rows.shape[-1]))
+        return rows.reshape(1, -1, rows.shape[-1])     # sequence 1: one shard, all rows
 
 
 # ------------------------------------------------------------------------------------------------
@@ -182,7 +184,7 @@ class Stepper:
         self.cfg = vlm.cfg
         self.vlm = vlm
         self.model = ReencodingVLM(vlm) if mode.startswith("none") else vlm
-        self.ref = nnx.clone(self.model)   # the frozen KL anchor, as the trainer keeps it
+        self.ref = copy_model(self.model)   # the frozen KL anchor, as the trainer keeps it
         self.opt = optimizer(self.model, self.config.rl.optimizer, "llm")
         self.logprob_fn = make_logprob_fn(self.mesh)
         self.update_fn = make_update_fn(self.mesh, self.config.rl)
@@ -229,9 +231,11 @@ class Stepper:
         mark = time.perf_counter()
         adv = np.random.default_rng(0).standard_normal(old_logp.shape[0]).astype(np.float32)
         adv = np.broadcast_to(adv[:, None], old_logp.shape)
+        n = num_micro_batches(len(resp), self.config.rl.micro_batch_size, self.mesh,
+                              self.rules)
         micro = batch_lib.place_micro_batches(
             dict(batch.row_arrays(), adv=np.ascontiguousarray(adv), old_logp=old_logp,
-                 ref_logp=ref_logp), 1, self.mesh)
+                 ref_logp=ref_logp), n, self.mesh, self.rules, zero=("mask", "adv"))
         m = self.update_fn(self.model, self.opt, micro, placed["video_table"])
         m = jax.device_get(m)
         t["update_s"] = time.perf_counter() - mark
@@ -296,6 +300,8 @@ def main():
     ap.add_argument("--frames_per_chunk", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--micro_batch_size", type=int, default=0,
+                    help="rl.micro_batch_size: sequences per device per update micro-batch")
     ap.add_argument("--remat", action="store_true")
     ap.add_argument("--scan_layers", action="store_true")
     args = ap.parse_args()

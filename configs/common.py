@@ -9,11 +9,13 @@ from longrl_jax.parallel.mesh import DEFAULT_RULES
 def model_config(preset: str = "tiny", **kw):
     """The model: a `ModelConfig` preset built from scratch, or `checkpoint` (an HF directory).
     `init_std` rescales a fresh model's random weights (never a checkpoint's); `attention`
-    "flash" is blockwise, for long sequences without SP; token ids -1 come from the tokenizer."""
+    "flash" is blockwise, for long sequences without SP; token ids -1 come from the tokenizer.
+    `remat_offload` (with `remat`) keeps each layer's saved input in pinned host memory, not on
+    the device: longer sequences for host<->device traffic."""
     c = ml_collections.ConfigDict(dict(
         preset=preset, vocab_size=640, checkpoint="", param_dtype="float32", dtype="float32",
         init_std=0.02, attention="dense", video_token_id=-1, separator_token_id=-1,
-        scan_layers=False, remat=False))
+        scan_layers=False, remat=False, remat_offload=False))
     c.update(kw)
     return c
 
@@ -103,6 +105,9 @@ def rl_config(steps: int, prompts_per_step: int, group_size: int, lr: float, **k
         # Sequences per device per forward/backward (0: a whole mini-batch / all at once):
         # Long-RL's micro_batch_size_per_device_for_update / _for_experience.
         micro_batch_size=0, logprob_micro_batch_size=0,
+        # Memory for long videos: the step's video rows and the reference parameters wait in
+        # the devices' pinned host memory between passes instead of device memory.
+        video_on_host=False, ref_on_host=False,
         dynamic_sampling=False, max_refills=20,
         overlong_buffer=0, overlong_penalty=1.0,
         optimizer=optimizer_config(lr),

@@ -15,8 +15,10 @@ from longrl_jax.parallel import sequence
 
 
 def rules(config) -> tuple:
-    """The config's logical-axis rules as the tuple of pairs `parallel.mesh` takes."""
-    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding_rules)
+    """The config's logical-axis rules as the tuple of pairs `parallel.mesh` takes (the
+    default table for a partial config without them)."""
+    table = config.get("sharding_rules", mesh_lib.DEFAULT_RULES)
+    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in table)
 
 
 ATTENTION = ("dense", "flash")   # config.model.attention without a sequence axis
@@ -71,13 +73,33 @@ def build_model(config, *, video_token_id: int | None = None,
         if config.model.init_std != INIT_STD:
             _rescale_init(model, config.model.init_std / INIT_STD)
     install_attention(model.llm, mesh, config)
+    model.llm.remat_offload = bool(config.model.get("remat_offload", False))
     return model, mesh
+
+
+def copy_model(model, *, dtype=None, memory_kind: str | None = None):
+    """A copy of `model` with buffers of its own (`nnx.clone` shares them, and a donated step
+    would delete the original's): floating parameters cast to `dtype` if given, placed in
+    `memory_kind` ("pinned_host" keeps them off the devices) with the same shardings."""
+    graphdef, state = nnx.split(model)
+
+    def copy(x):
+        if not isinstance(x, jax.Array):
+            return x
+        if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
+            x = x.astype(dtype)
+        sharding = x.sharding
+        if memory_kind is not None:
+            sharding = sharding.with_memory_kind(memory_kind)
+        return jax.device_put(x, sharding, may_alias=False)
+    return nnx.merge(graphdef, jax.tree.map(copy, state))
 
 
 def install_attention(llm, mesh, config) -> None:
     """The attention kernel the config asks for: MR-SP's strategy when the mesh has a
     'sequence' axis, else blockwise flash (`model.attention="flash"`) or dense."""
     if mesh.shape["sequence"] > 1:
-        sequence.use_sequence_parallel(llm, mesh, config.sp.strategy, layout=config.sp.layout)
+        sequence.use_sequence_parallel(llm, mesh, config.sp.strategy, layout=config.sp.layout,
+                                       rules=rules(config))
     elif config.model.attention == "flash":
         llm.set_attention(flash.attention_fn())

@@ -21,6 +21,11 @@ from longrl_jax.rl import trainer as rl_trainer
 from longrl_jax.sft import trainer as sft_trainer
 
 MESH = dict(data=1, fsdp=2, sequence=1, tensor=4)     # 2-way batch parallel: 8 rows = 4 x 2
+
+
+def MESH_OBJ():
+    from longrl_jax.parallel import mesh as mesh_lib
+    return mesh_lib.make_mesh(MESH)
 ROWS = 8
 
 
@@ -37,6 +42,7 @@ def _batch(seed=0):
     rng = np.random.default_rng(seed)
     batch = toy_batch((1, 8, 3, 5, 2, 7, 4, 6), seed=seed, row_scale=0.5,   # uneven lengths
                       num_videos=3)
+    batch = batch_lib.in_layout(batch, MESH_OBJ(), "contiguous")
     shape = batch.targets.shape
     rl = dict(adv=rng.standard_normal(shape[0]).astype(np.float32),
               old_logp=-rng.random(shape).astype(np.float32),
@@ -71,7 +77,7 @@ def test_rl_update_in_micro_batches_equals_whole_minibatch(loss_agg):
     results = {}
     for per_device in (4, 2, 1):            # 1, 2 and 4 micro-batches of the 8 rows
         n = num_micro_batches(ROWS, per_device, mesh)
-        model = nnx.clone(model0)
+        model = build.copy_model(model0)
         opt = _optimizer(model)
         update = rl_trainer.make_update_fn(mesh, config.rl)
         micro = batch_lib.place_micro_batches(rows, n, mesh, zero=("mask", "adv"))
@@ -95,7 +101,7 @@ def test_uneven_last_micro_batch_adds_nothing():
     rows = dict(batch.row_arrays(), **rl)
     out = []
     for n in (1, 3):
-        model = nnx.clone(model0)
+        model = build.copy_model(model0)
         opt = _optimizer(model)
         micro = batch_lib.place_micro_batches(rows, n, mesh, zero=("mask", "adv"))
         rl_trainer.make_update_fn(mesh, config.rl)(model, opt, micro, table)
@@ -109,7 +115,7 @@ def test_sft_step_in_micro_batches_equals_whole_batch():
     shared = {"video_table": batch_lib.place_table(batch.video_table, mesh)}
     out = {}
     for n in (1, 2, 4):
-        model = nnx.clone(model0)
+        model = build.copy_model(model0)
         opt = _optimizer(model)
         micro = batch_lib.place_micro_batches(batch.row_arrays(), n, mesh)
         m = jax.device_get(sft_trainer.make_step(mesh)(model, opt, micro, shared))
@@ -120,15 +126,22 @@ def test_sft_step_in_micro_batches_equals_whole_batch():
             np.testing.assert_allclose(out[n][1][k], out[1][1][k], rtol=1e-5, atol=1e-6)
 
 
-def test_logprobs_in_micro_batches_equal_unbatched():
+@pytest.mark.parametrize("minibatch", [8, 4])
+def test_logprobs_in_micro_batches_equal_unbatched(minibatch):
+    """Through the trainer's mini-batches of whole groups (each with its own video table) and
+    micro-batches of 1 and 3 sequences per device: the log-probs of the whole batch at once."""
     config, model, mesh = _setup()
     batch, _ = _batch(3)
-    table = batch_lib.place_table(batch.video_table, mesh)
     logprob_fn = rl_trainer.make_logprob_fn(mesh)
     whole, _ = jax.device_get(logprob_fn(model, batch_lib.place_batch(batch, mesh)))
+    config.rl.minibatch_size = minibatch
+    group_ids = np.arange(ROWS) % 4          # groups of 2, interleaved
     for per_device in (1, 3):
         config.rl.logprob_micro_batch_size = per_device
-        ctx = types.SimpleNamespace(mesh=mesh, rules=build.rules(config), config=config)
-        (got,) = rl_trainer.logprobs_in_micro_batches(logprob_fn, [model], batch, table, ctx)
+        ctx = types.SimpleNamespace(mesh=mesh, rules=build.rules(config), config=config,
+                                    model=model)
+        video = rl_trainer.StepVideo(ctx, batch, group_ids, step=0)
+        assert len(video.parts) == ROWS // minibatch
+        (got,) = rl_trainer.logprobs_in_micro_batches(logprob_fn, [model], video)
         assert got.shape == whole.shape
         np.testing.assert_allclose(got * batch.mask, whole * batch.mask, rtol=0, atol=1e-6)

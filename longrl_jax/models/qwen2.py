@@ -12,6 +12,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from longrl_jax.models.config import LLMConfig
 from longrl_jax.models.layers import (
@@ -25,6 +26,7 @@ from longrl_jax.models.layers import (
 
 # attn_fn(q [B,T,N,H], k [B,S,K,H], v [B,S,K,H], *, causal, kv_valid_bs) -> [B,T,N,H]
 AttnFn = Callable[..., jax.Array]
+LAYER_INPUT = "layer_input"   # the name a rematerialised layer's saved input goes by
 
 
 class Qwen2Attention(nnx.Module):
@@ -106,6 +108,7 @@ class Qwen2ForCausalLM(nnx.Module):
                                   ("embed", "vocab"), **kw)
         self.attn_fn: AttnFn = dense_attention
         self.act_sharding = None
+        self.remat_offload = False   # see `remat_policy`
 
     def set_attention(self, attn_fn: AttnFn, act_sharding=None) -> None:
         """Replaces the attention kernel (the build step installs flash or MR-SP's strategies;
@@ -114,6 +117,17 @@ class Qwen2ForCausalLM(nnx.Module):
         tokens)."""
         self.attn_fn = attn_fn
         self.act_sharding = act_sharding
+
+    def remat_policy(self):
+        """What a rematerialised layer keeps for the backward pass: its input only, on the
+        device; with `remat_offload` that input goes to the host's pinned memory instead (and
+        comes back for the layer's backward), so the saved inputs of all layers, the largest
+        term of a long sequence, leave the device."""
+        if not self.remat_offload:
+            return None
+        return jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=(), names_which_can_be_offloaded=(LAYER_INPUT,),
+            offload_src="device", offload_dst="pinned_host")
 
     def embed(self, input_ids_bt: jax.Array) -> jax.Array:
         return self.embed_tokens(jnp.asarray(input_ids_bt))
@@ -141,10 +155,11 @@ class Qwen2ForCausalLM(nnx.Module):
             x_btd = self._scan_layers(x_btd, cos, sin, attention_mask_bt, attn_fn, constrain)
         else:
             def block(layer, x_btd, cos, sin, mask_bt):
+                x_btd = checkpoint_name(x_btd, LAYER_INPUT)
                 return layer(x_btd, cos, sin, mask_bt, attn_fn)
 
             if self.remat:
-                block = nnx.remat(block)
+                block = nnx.remat(block, policy=self.remat_policy())
             for layer in self.layers:
                 x_btd = constrain(block(layer, x_btd, cos, sin, attention_mask_bt))
         return self.norm(x_btd)
@@ -158,10 +173,11 @@ class Qwen2ForCausalLM(nnx.Module):
 
         def body(x_btd, state):
             layer = nnx.merge(graphdef, state)
+            x_btd = checkpoint_name(x_btd, LAYER_INPUT)
             return constrain(layer(x_btd, cos, sin, mask_bt, attn_fn)), None
 
         if self.remat:
-            body = jax.checkpoint(body)
+            body = jax.checkpoint(body, policy=self.remat_policy())
         x_btd, _ = jax.lax.scan(body, x_btd, stacked)
         return x_btd
 

@@ -12,6 +12,7 @@ The rollout's own log-probs are compared with the trainer's old-policy log-probs
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import jax
@@ -26,16 +27,18 @@ from longrl_jax.batch import (
     build_batch,
     in_layout,
     length_multiple,
-    place_micro_batches,
     place_rows,
     place_table,
     stack_micro_batches,
+    table_sharding,
 )
+from longrl_jax.build import copy_model
 from longrl_jax.checkpoint import open_checkpoints
 from longrl_jax.context import RunContext, next_examples
 from longrl_jax.grad_accumulation import num_micro_batches, value_and_grad_accumulated
 from longrl_jax.optim import optimizer
 from longrl_jax.parallel.logprobs import batch_logprobs
+from longrl_jax.parallel.mesh import DEFAULT_RULES
 from longrl_jax.rl import algorithms as alg
 from longrl_jax.rl.rollouts import Rollouts, sample_and_score
 
@@ -46,21 +49,25 @@ log = logging.getLogger(__name__)
 # Device functions
 # ================================================================================================
 
-def make_logprob_fn(mesh):
-    @nnx.jit
+def make_logprob_fn(mesh, rules=DEFAULT_RULES):
+    """logprobs(model, b) -> (log p, entropy) [B, R] of one placed micro-batch. The model is
+    only read: nothing of it is returned (nnx.jit would otherwise hand back a copy of every
+    parameter on each call)."""
+    @nnx.jit(graph_updates=False)
     def logprobs(model, b):
-        return batch_logprobs(model, b, mesh=mesh)
+        return batch_logprobs(model, b, mesh=mesh, rules=rules)
     return logprobs
 
 
-def make_update_fn(mesh, c):
+def make_update_fn(mesh, c, rules=DEFAULT_RULES):
     """update(model, opt, micro, video_table) -> metrics: one optimizer step over a mini-batch
     given as [n, micro, ...] arrays (`micro` holds the batch fields and `adv`, `old_logp`,
-    `ref_logp`), gradients accumulated over the n micro-batches."""
+    `ref_logp`), gradients accumulated over the n micro-batches. The model's parameters and
+    the optimizer state are donated: updated in place, never held twice."""
 
     def micro_loss(model, mb, table, den, n_tokens):
         b = dict(mb, video_table=table)
-        logp, ent = batch_logprobs(model, b, mesh=mesh)
+        logp, ent = batch_logprobs(model, b, mesh=mesh, rules=rules)
         mask = b["mask"]
         loss, m = alg.policy_loss(logp, mb["old_logp"], mb["adv"], mask, clip_low=c.clip_low,
                                   clip_high=c.clip_high, clip_dual=c.clip_dual or None,
@@ -74,7 +81,7 @@ def make_update_fn(mesh, c):
         share = jnp.sum(mask) / n_tokens    # token means add up weighted by their tokens
         return loss, dict({k: v * share for k, v in m.items()}, loss=loss)
 
-    @nnx.jit
+    @nnx.jit(donate_argnums=(0, 1))
     def update(model, opt, micro, table):
         mask = micro["mask"]
         den = alg.aggregate_denominator(mask, c.loss_agg)
@@ -87,21 +94,104 @@ def make_update_fn(mesh, c):
     return update
 
 
-def logprobs_in_micro_batches(logprob_fn, models, batch: SequenceBatch, table,
-                              ctx: RunContext) -> list[np.ndarray]:
-    """Per model: [N, R] log-probs of the batch's responses, `rl.logprob_micro_batch_size`
-    sequences per device per call (one compiled step whatever the count); each micro-batch is
-    placed once for all the models."""
-    rows = batch.token_ids.shape[0]
-    n = num_micro_batches(rows, ctx.config.rl.logprob_micro_batch_size, ctx.mesh, ctx.rules)
-    stacked = stack_micro_batches(batch.row_arrays(), n)
-    outs = [[] for _ in models]
-    for i in range(n):
-        placed = dict(place_rows({k: v[i] for k, v in stacked.items()}, ctx.mesh, ctx.rules),
-                      video_table=table)
-        for out, model in zip(outs, models):
-            out.append(logprob_fn(model, placed)[0])
-    return [np.concatenate(jax.device_get(out))[:rows] for out in outs]
+def micro_batch_rows(rows: int, per_device: int, mesh, rules) -> int:
+    """Sequences per micro-batch call for mini-batches of `rows` sequences, `per_device` per
+    batch-parallel device (0: the whole mini-batch at once)."""
+    n = num_micro_batches(rows, per_device, mesh, rules)
+    return -(-rows // n)
+
+
+def stack_rows(arrays: dict[str, np.ndarray], per: int, *, zero=("mask",)) -> dict:
+    """[B, ...] -> [ceil(B/per), per, ...]: micro-batches of exactly `per` rows, whatever B (one
+    compiled step); the rows that fill the last one add nothing (`stack_micro_batches`)."""
+    b = next(iter(arrays.values())).shape[0]
+    n = -(-b // per)
+    if n * per == b:
+        return stack_micro_batches(arrays, n, zero=zero)
+    padded = stack_micro_batches(arrays, b, zero=zero)          # [b, 1, ...] as is
+    fill = {k: np.repeat(np.zeros_like(v[:1]) if k in zero else v[:1], n * per - b, axis=0)
+            for k, v in padded.items()}
+    return {k: np.concatenate([v, fill[k]]).reshape((n, per) + v.shape[2:])
+            for k, v in padded.items()}
+
+
+class StepVideo:
+    """The step's sequences cut into mini-batches of whole groups, each with its own split
+    video table, placed once per step: on the devices, or with `rl.video_on_host` in the
+    devices' pinned host memory, moved to the devices for each pass over that mini-batch (the
+    rows never cross from the host process twice in a step)."""
+
+    def __init__(self, ctx: RunContext, batch: SequenceBatch, group_ids, step: int):
+        c = ctx.config.rl
+        self.ctx = ctx
+        n = batch.token_ids.shape[0]
+        self.size = min(c.minibatch_size, n)
+        order = minibatch_order(group_ids, np.random.default_rng([ctx.config.seed, step]))
+        self.index = [np.sort(order[k:k + self.size]) for k in range(0, n, self.size)]
+        self.parts = [batch.take(idx) for idx in self.index]
+        kind = "pinned_host" if c.video_on_host else None
+        self.tables = [place_table(p.video_table, ctx.mesh, ctx.model.llm.dtype, kind)
+                       for p in self.parts]
+        self.full = [len(idx) == self.size for idx in self.index]   # the rest: log-probs only
+
+    def table(self, k: int):
+        t = self.tables[k]
+        if self.ctx.config.rl.video_on_host:
+            t = jax.device_put(t, table_sharding(self.ctx.mesh))
+        return t
+
+
+def minibatch_order(group_ids, rng) -> np.ndarray:
+    """Sequence indices, whole groups in a random order: consecutive slices are mini-batches
+    of whole groups (as Long-RL's), so a mini-batch needs only its own groups' videos."""
+    groups = np.unique(group_ids)
+    return np.concatenate([np.flatnonzero(group_ids == g) for g in rng.permutation(groups)])
+
+
+def logprobs_in_micro_batches(logprob_fn, models, video: StepVideo) -> list[np.ndarray]:
+    """Per model: [N, R] log-probs of the step's responses (original order), one mini-batch's
+    video at a time, `rl.logprob_micro_batch_size` sequences per device per call (one compiled
+    step whatever the count); each micro-batch is placed once for all the models."""
+    ctx = video.ctx
+    per = micro_batch_rows(video.size, ctx.config.rl.logprob_micro_batch_size, ctx.mesh,
+                           ctx.rules)
+    rows = sum(len(i) for i in video.index)
+    outs = [np.zeros((rows,) + video.parts[0].targets.shape[1:], np.float32) for _ in models]
+    for k, (idx, part) in enumerate(zip(video.index, video.parts)):
+        stacked = stack_rows(part.row_arrays(), per)
+        table = video.table(k)
+        got = [[] for _ in models]
+        for i in range(next(iter(stacked.values())).shape[0]):
+            placed = dict(place_rows({n: v[i] for n, v in stacked.items()}, ctx.mesh,
+                                     ctx.rules), video_table=table)
+            for g, model in zip(got, models):
+                g.append(logprob_fn(model, placed)[0])
+        for out, g in zip(outs, got):
+            out[idx] = np.concatenate(jax.device_get(g))[:len(idx)]
+    return outs
+
+
+class RefModel:
+    """The frozen reference policy of the KL term: a copy of the starting policy (never the
+    policy's own buffers, which the update donates) in the compute dtype, numerically the
+    policy's forward pass. With `rl.ref_on_host` it waits in the devices' pinned host memory
+    between log-prob passes, leaving the devices to the update."""
+
+    def __init__(self, model, *, on_host: bool = False):
+        self.on_host = on_host
+        self.model = copy_model(model, dtype=model.llm.dtype,
+                                memory_kind="pinned_host" if on_host else None)
+
+    @contextlib.contextmanager
+    def on_device(self):
+        if not self.on_host:
+            yield self.model
+            return
+        dev = copy_model(self.model, memory_kind="device")
+        try:
+            yield dev
+        finally:
+            del dev
 
 
 # ================================================================================================
@@ -163,24 +253,24 @@ def server_logprobs(rollouts: Rollouts, shape) -> np.ndarray:
 # The update
 # ================================================================================================
 
-def minibatch_updates(ctx: RunContext, update_fn, model, opt, batch: SequenceBatch, table,
+def minibatch_updates(ctx: RunContext, update_fn, model, opt, video: StepVideo,
                       adv, old_logp, ref_logp, step: int) -> list[dict]:
-    """`ppo_epochs` passes over the step's sequences in shuffled mini-batches, one optimizer
-    step each, every mini-batch in micro-batches of `rl.micro_batch_size` per device."""
+    """`ppo_epochs` passes over the step's full mini-batches (whole groups; a fresh mini-batch
+    order each epoch), one optimizer step each, in micro-batches of `rl.micro_batch_size`
+    sequences per device."""
     c = ctx.config.rl
-    n = batch.token_ids.shape[0]
-    mb = min(c.minibatch_size, n)
-    n_micro = num_micro_batches(mb, c.micro_batch_size, ctx.mesh, ctx.rules)
-    rows = dict(batch.row_arrays(), adv=adv, old_logp=old_logp, ref_logp=ref_logp)
-    order_rng = np.random.default_rng([ctx.config.seed, step])
+    per = micro_batch_rows(video.size, c.micro_batch_size, ctx.mesh, ctx.rules)
+    order_rng = np.random.default_rng([ctx.config.seed, step, 1])
+    full = [k for k, ok in enumerate(video.full) if ok]
     ms = []
     for _ in range(c.ppo_epochs):
-        order = order_rng.permutation(n)
-        for k in range(0, n - mb + 1, mb):
-            idx = np.sort(order[k:k + mb])
-            micro = place_micro_batches({name: a[idx] for name, a in rows.items()}, n_micro,
-                                        ctx.mesh, ctx.rules, zero=("mask", "adv"))
-            ms.append(update_fn(model, opt, micro, table))
+        for k in order_rng.permutation(full):
+            idx = video.index[k]
+            rows = dict(video.parts[k].row_arrays(), adv=adv[idx], old_logp=old_logp[idx],
+                        ref_logp=ref_logp[idx])
+            micro = place_rows(stack_rows(rows, per, zero=("mask", "adv")), ctx.mesh,
+                               ctx.rules, stacked=True)
+            ms.append(update_fn(model, opt, micro, video.table(k)))
     return jax.device_get(ms)
 
 
@@ -208,10 +298,10 @@ def train(ctx: RunContext, connection, evaluator=None) -> dict:
     (an `evaluate.Evaluator`) runs every `rl.eval_every` steps and at the end."""
     c = ctx.config.rl
     model = ctx.model
-    ref = nnx.clone(model) if c.kl_coef else None    # the frozen KL anchor, when KL is used
+    ref = RefModel(model, on_host=c.ref_on_host) if c.kl_coef else None   # KL anchor
     opt = optimizer(model, c.optimizer, "llm")
-    logprob_fn = make_logprob_fn(ctx.mesh)
-    update_fn = make_update_fn(ctx.mesh, c)
+    logprob_fn = make_logprob_fn(ctx.mesh, ctx.rules)
+    update_fn = make_update_fn(ctx.mesh, c, ctx.rules)
     it = iter(ctx.loader("train", seed=ctx.config.seed + 1))
     ckpt, step = open_checkpoints(ctx.path("checkpoints", "rl"), c, model, opt, it, stage="rl")
     connection.sync(model)
@@ -225,9 +315,10 @@ def train(ctx: RunContext, connection, evaluator=None) -> dict:
         # ---- old-policy and reference log-probs on the identical sequences ------------------------
         with ctx.timers("prefill"):
             batch = in_layout(sequence_batch(ctx, rollouts), ctx.mesh, ctx.config.sp.layout)
-            table = place_table(batch.video_table, ctx.mesh)    # once per step
-            old_logp, *ref_logp = logprobs_in_micro_batches(
-                logprob_fn, [model] + ([ref] if ref is not None else []), batch, table, ctx)
+            video = StepVideo(ctx, batch, rollouts.group_ids, step)    # placed once per step
+            with ref.on_device() if ref is not None else contextlib.nullcontext() as ref_model:
+                old_logp, *ref_logp = logprobs_in_micro_batches(
+                    logprob_fn, [model] + ([ref_model] if ref is not None else []), video)
             ref_logp = ref_logp[0] if ref_logp else old_logp     # unused without KL
         if c.kl_coef and c.kl_in == "reward":
             kl = np.asarray(alg.kl_penalty(old_logp, ref_logp, c.kl_type))
@@ -237,8 +328,9 @@ def train(ctx: RunContext, connection, evaluator=None) -> dict:
         adv = np.asarray(alg.advantages(c.algorithm, rewards, rollouts.group_ids, batch.mask,
                                         gamma=c.gamma), np.float32)
         with ctx.timers("update"):
-            ms = minibatch_updates(ctx, update_fn, model, opt, batch, table, adv, old_logp,
+            ms = minibatch_updates(ctx, update_fn, model, opt, video, adv, old_logp,
                                    ref_logp, step)
+            del video
         with ctx.timers("weight_sync"):
             nbytes = connection.sync(model)
         step += 1
