@@ -48,32 +48,17 @@ def build_model(config, *, video_token_id: int | None = None,
     The attention kernel is installed here (`install_attention`)."""
     mesh = mesh_lib.make_mesh(dict(config.mesh))
     axis_rules = rules(config)
-    param_dtype = getattr(jnp, config.model.param_dtype)
     if config.model.checkpoint:
-        model = hf.load_pretrained(config.model.checkpoint, param_dtype=param_dtype, mesh=mesh,
+        model = hf.load_pretrained(config.model.checkpoint,
+                                   param_dtype=_dtype(config.model.param_dtype), mesh=mesh,
                                    rules=axis_rules, remat=config.model.remat,
                                    scan_layers=config.model.scan_layers)
     else:
-        preset = getattr(ModelConfig, config.model.preset, None)
-        if preset is None:
-            raise ValueError(f"config.model.preset: unknown preset {config.model.preset!r}")
-        kw = {"vocab_size": config.model.vocab_size} if config.model.preset in ("tiny", "small") \
-            else {}
-        vid = video_token_id if video_token_id is not None else config.model.video_token_id
-        sep = separator_token_id if separator_token_id is not None else \
-            config.model.separator_token_id
-        cfg = preset(**kw)
-        if adjust is not None:
-            cfg = adjust(cfg)
-        cfg = cfg.replace(video_token_id=vid, separator_token_id=sep)
         model = mesh_lib.create_sharded(
-            lambda: VLM(cfg, rngs=nnx.Rngs(config.seed), param_dtype=param_dtype,
-                        dtype=getattr(jnp, config.model.dtype), remat=config.model.remat,
-                        scan_layers=config.model.scan_layers), mesh, axis_rules)
+            _constructor(config, video_token_id, separator_token_id, adjust), mesh, axis_rules)
         if config.model.init_std != INIT_STD:
             _rescale_init(model, config.model.init_std / INIT_STD)
-    install_attention(model.llm, mesh, config)
-    model.llm.remat_offload = bool(config.model.get("remat_offload", False))
+    _install(model.llm, mesh, config)
     return model, mesh
 
 
@@ -93,6 +78,62 @@ def copy_model(model, *, dtype=None, memory_kind: str | None = None):
             sharding = sharding.with_memory_kind(memory_kind)
         return jax.device_put(x, sharding, may_alias=False)
     return nnx.merge(graphdef, jax.tree.map(copy, state))
+
+
+def abstract_model(config, *, video_token_id: int | None = None,
+                   separator_token_id: int | None = None, adjust=None):
+    """(model, mesh) as `build_model` gives them, but abstract: every parameter a
+    `jax.ShapeDtypeStruct` with the NamedSharding `build_model` would place it in, nothing
+    allocated (`mesh.abstract_sharded`). For compiling the trainers' steps of a model larger
+    than this host (`bench/trainer_memory.py`). A checkpoint contributes its config only;
+    `adjust` applies to it too."""
+    mesh = mesh_lib.make_mesh(dict(config.mesh))
+    model = mesh_lib.abstract_sharded(
+        _constructor(config, video_token_id, separator_token_id, adjust), mesh, rules(config))
+    _install(model.llm, mesh, config)
+    return model, mesh
+
+
+def _dtype(name: str):
+    return getattr(jnp, name)
+
+
+def model_config(config, *, video_token_id: int | None = None,
+                 separator_token_id: int | None = None, adjust=None) -> ModelConfig:
+    """The `ModelConfig` `build_model` builds: the checkpoint's, or the preset's with the
+    token ids (given here, else the config's) and `adjust` applied."""
+    if config.model.checkpoint:
+        cfg, _ = hf.read_config(config.model.checkpoint)
+        return adjust(cfg) if adjust is not None else cfg
+    preset = getattr(ModelConfig, config.model.preset, None)
+    if preset is None:
+        raise ValueError(f"config.model.preset: unknown preset {config.model.preset!r}")
+    kw = {"vocab_size": config.model.vocab_size} if config.model.preset in ("tiny", "small") \
+        else {}
+    vid = video_token_id if video_token_id is not None else config.model.video_token_id
+    sep = separator_token_id if separator_token_id is not None else \
+        config.model.separator_token_id
+    cfg = preset(**kw)
+    if adjust is not None:
+        cfg = adjust(cfg)
+    return cfg.replace(video_token_id=vid, separator_token_id=sep)
+
+
+def _constructor(config, video_token_id, separator_token_id, adjust):
+    """The function that creates the configured model (random weights). A checkpoint is
+    created in its compute dtype = its param dtype, as `hf.load_pretrained` creates it."""
+    cfg = model_config(config, video_token_id=video_token_id,
+                       separator_token_id=separator_token_id, adjust=adjust)
+    param_dtype = _dtype(config.model.param_dtype)
+    dtype = param_dtype if config.model.checkpoint else _dtype(config.model.dtype)
+    return lambda: VLM(cfg, rngs=nnx.Rngs(config.seed), param_dtype=param_dtype, dtype=dtype,
+                       remat=config.model.remat, scan_layers=config.model.scan_layers)
+
+
+def _install(llm, mesh, config) -> None:
+    """What the config sets on a built LLM: its attention and its remat offload."""
+    install_attention(llm, mesh, config)
+    llm.remat_offload = bool(config.model.get("remat_offload", False))
 
 
 def install_attention(llm, mesh, config) -> None:

@@ -29,9 +29,13 @@ def optimizer(model, opt_cfg, trainable: str) -> nnx.Optimizer:
 
 def _onto_model_mesh(opt: nnx.Optimizer, model) -> None:
     """optax creates the step counts on the default device, and the first step returns them on
-    the mesh: the second step would compile again. Put them there from the start."""
-    meshes = [x.sharding.mesh for x in jax.tree.leaves(nnx.state(model, nnx.Param))
-              if isinstance(x.sharding, NamedSharding)]
+    the mesh: the second step would compile again. Put them there from the start. Under
+    `nnx.eval_shape` (an abstract model: `build.abstract_model`) nothing is placed: the caller
+    gives the abstract state its shardings (`mesh.abstract_sharded`)."""
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    if any(isinstance(x, jax.core.Tracer) for x in params):
+        return
+    meshes = [x.sharding.mesh for x in params if isinstance(x.sharding, NamedSharding)]
     if not meshes:
         return
     replicated = NamedSharding(meshes[0], PartitionSpec())

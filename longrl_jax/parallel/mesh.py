@@ -138,6 +138,21 @@ def create_sharded(ctor: Callable[[], nnx.Module], mesh: Mesh,
     return nnx.merge(graphdef, state)
 
 
+def abstract_sharded(ctor: Callable[..., Any], mesh: Mesh, rules: Rules = DEFAULT_RULES,
+                     *args) -> Any:
+    """`ctor(*args)` evaluated abstractly (`nnx.eval_shape`): every variable of the graph node it
+    returns is a `jax.ShapeDtypeStruct` carrying the NamedSharding its logical axes give it, as
+    `create_sharded` would place it. Nothing is allocated: for compiling (never running) a step
+    of a model larger than the host (`jitted.lower(...)`). `args` may be abstract modules (an
+    optimizer built over an abstract model)."""
+    graphdef, state = nnx.split(nnx.eval_shape(ctor, *args))
+    shardings = state_shardings(state, mesh, rules)
+    state = jax.tree.map(
+        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), state,
+        shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(graphdef, state)
+
+
 def batch_axes(mesh: Mesh, batch: int, rules: Rules = DEFAULT_RULES,
                leading: str = "batch") -> tuple[str, ...] | None:
     """The mesh axes a batch dimension of size `batch` is split over: the `leading` rule's axes
