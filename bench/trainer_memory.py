@@ -16,21 +16,21 @@ Shapes, as the trainers make them: T = prompt (--prompt_tokens) + frames * (toke
 `batch.length_multiple`; R = max_response_tokens; micro-batches from the config's micro-batch
 sizes and `grad_accumulation.num_micro_batches`, as in `rl.trainer.minibatch_updates`,
 `rl.trainer.logprobs_in_micro_batches` and `sft.trainer.make_batch`. The video table is
-`_table_struct`'s [S, N_s, D] in the model's compute dtype, sharded over 'sequence' (a
-mini-batch's videos for the update, the step's videos for the log-prob pass, the SFT batch's
-videos); `--table_layout=replicated` gives the earlier replicated float32 [N, D] table, and
-`auto` (default) falls back to it, with a note, when the log-prob path does not take the
-sharded one.
+`table_struct`'s [S, N_s, D] (`batch.in_layout`'s split table) in the model's compute
+dtype, sharded over 'sequence'; a mini-batch's videos (`rl.trainer.StepVideo`: mini-batches of
+whole groups) for the update and the log-prob pass, the SFT batch's videos for SFT.
 
 Each row: {"stage", "frames", "tokens", "sequence", "devices", "micro_batch", "num_micro",
-"videos", "table_layout", "argument_bytes", "output_bytes", "temp_bytes", "alias_bytes",
-"resident_bytes", "resident", "peak_bytes_per_device", "compile_s"}, bytes per device.
-`resident_bytes` is device memory the trainer holds through the call that is not in the
-executable's arguments: the reference model (rl.kl_coef > 0; both policy and reference are
-resident in the log-prob pass and the update), the optimizer state during the log-prob pass, and
-arguments jit pruned as unused (the vision tower when only the LLM trains).
-peak_bytes_per_device = argument + output + temp - alias + resident. The trainers donate
-nothing, so an update's outputs (the new parameters and optimizer state) are fresh buffers.
+"videos", "argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "resident_bytes",
+"resident", "offload", "host_offload_bytes", "peak_bytes_per_device", "compile_s"}, bytes per
+device. `resident_bytes` is device memory the trainer holds through the call that is not in
+the executable's arguments: the reference model (rl.kl_coef > 0, in the compute dtype; in the
+update only without rl.ref_on_host), the other mini-batches' video tables of the step (without
+rl.video_on_host), the optimizer state during the log-prob pass, and arguments jit pruned as
+unused. `host_offload_bytes`: the layer inputs `model.remat_offload` keeps in host memory,
+read from the step's jaxpr (XLA:CPU has a single memory and counts them in temp_bytes).
+peak_bytes_per_device = argument + output + temp - alias + resident - host_offload. The update
+and SFT step donate params and optimizer state (alias_bytes).
 """
 
 from __future__ import annotations
@@ -78,7 +78,6 @@ from longrl_jax.sft import trainer as sft_trainer  # noqa: E402
 
 STAGES = ("rl_update", "rl_logprobs", "sft_step")
 GB = 1e9
-TABLE_MULTIPLE = 256
 
 
 # ================================================================================================
@@ -89,9 +88,10 @@ def step_functions(mesh, config, stages=STAGES) -> dict:
     """The step functions, from the factories the trainers call (looked up on the trainer
     modules at call time): what is compiled here is what `rl.trainer.train` and
     `sft.trainer.train` run."""
-    makers = {"rl_update": lambda: rl_trainer.make_update_fn(mesh, config.rl),
-              "rl_logprobs": lambda: rl_trainer.make_logprob_fn(mesh),
-              "sft_step": lambda: sft_trainer.make_step(mesh)}
+    rules = build.rules(config)
+    makers = {"rl_update": lambda: rl_trainer.make_update_fn(mesh, config.rl, rules),
+              "rl_logprobs": lambda: rl_trainer.make_logprob_fn(mesh, rules),
+              "sft_step": lambda: sft_trainer.make_step(mesh, rules)}
     return {s: makers[s]() for s in stages}
 
 
@@ -117,29 +117,16 @@ def device_bytes(tree) -> int:
     return total
 
 
-def _table_struct(mesh, videos: int, rows_per_video: int, d: int, dtype
-                  ) -> jax.ShapeDtypeStruct:
-    """The video table [S, N_s, D] of `videos` videos of `rows_per_video` rows: S = the
-    'sequence' axis, N_s = ceil(V * rows / S) rounded up to 256, sharded over 'sequence'
-    (replicated when S = 1), in the model's compute dtype."""
+def table_struct(mesh, videos: int, rows_per_video: int, d: int, dtype
+                 ) -> jax.ShapeDtypeStruct:
+    """The split video table [S, N_s, D] of `videos` videos of `rows_per_video` rows, as
+    `batch.in_layout` makes it: S = the 'sequence' axis, N_s = an even share of the rows
+    padded as `batch.table_rows` pads it, sharded as `batch.table_sharding`, in the model's
+    compute dtype."""
     s = mesh.shape["sequence"]
-    n_s = _round_up(-(-videos * rows_per_video // s), TABLE_MULTIPLE)
-    spec = P("sequence") if s > 1 else P()
-    return _struct((s, n_s, d), dtype, NamedSharding(mesh, spec))
-
-
-def _replicated_table_struct(mesh, videos: int, rows_per_video: int, d: int
-                             ) -> jax.ShapeDtypeStruct:
-    """The earlier layout (`batch.build_batch` + `batch.place_table`): [N, D] float32,
-    replicated."""
-    n = _round_up(videos * rows_per_video, TABLE_MULTIPLE)
-    return _struct((n, d), jnp.float32, NamedSharding(mesh, P()))
-
-
-def table_struct(layout: str, mesh, videos, rows_per_video, d, dtype):
-    if layout == "sharded":
-        return _table_struct(mesh, videos, rows_per_video, d, dtype)
-    return _replicated_table_struct(mesh, videos, rows_per_video, d)
+    n_s = batch_lib.table_rows(-(-videos * rows_per_video // s))
+    dtype = batch_lib.table_bits(np.zeros((), dtype)).dtype     # as `batch.place_table` sends it
+    return _struct((s, n_s, d), dtype, batch_lib.table_sharding(mesh))
 
 
 ROW_FIELDS = {"token_ids": ("T", jnp.int32), "video_rows": ("T", jnp.int32),
@@ -177,15 +164,15 @@ def stage_shapes(stage: str, config, mesh, rules, frames: int, tokens_per_frame:
     r = c.max_response_tokens
     t = _round_up(prompt_tokens + frames * (tokens_per_frame + 1) + r,
                   batch_lib.length_multiple(mesh, config.sp.layout))
-    if stage == "rl_update":              # rl.trainer.minibatch_updates
-        rows = c.prompts_per_step * c.group_size
-        mb = min(c.minibatch_size, rows)
-        n = num_micro_batches(mb, c.micro_batch_size, mesh, rules)
-        return Shapes(t, r, n, -(-mb // n), max(1, mb // c.group_size))
-    if stage == "rl_logprobs":            # rl.trainer.logprobs_in_micro_batches
-        rows = c.prompts_per_step * c.group_size
-        n = num_micro_batches(rows, c.logprob_micro_batch_size, mesh, rules)
-        return Shapes(t, r, 1, -(-rows // n), c.prompts_per_step)
+    if stage.startswith("rl"):            # rl.trainer.StepVideo: mini-batches of whole groups
+        mb = min(c.minibatch_size, c.prompts_per_step * c.group_size)
+        videos = max(1, -(-mb // c.group_size))
+        if stage == "rl_update":          # rl.trainer.minibatch_updates
+            m = rl_trainer.micro_batch_rows(mb, c.micro_batch_size, mesh, rules)
+            return Shapes(t, r, -(-mb // m), m, videos)
+        # rl.trainer.logprobs_in_micro_batches: one micro-batch per call
+        return Shapes(t, r, 1, rl_trainer.micro_batch_rows(mb, c.logprob_micro_batch_size,
+                                                            mesh, rules), videos)
     rows = c.batch_size                   # sft.trainer.make_batch: one video per example
     n = num_micro_batches(rows, c.micro_batch_size, mesh, rules)
     return Shapes(t, r, n, -(-rows // n), rows)
@@ -224,6 +211,29 @@ def stage_args(stage: str, model, opt, mesh, config, shapes: Shapes, table):
             shared)
 
 
+def host_offload_bytes(fn, args, per_device: int) -> int:
+    """Bytes per device the step keeps in host memory: the stacked layer inputs a scan saves
+    with `model.remat_offload` (jaxpr values in host memory space). XLA:CPU has one memory
+    and leaves them in `temp_bytes`; a GPU/TPU compile puts them in host memory instead."""
+    total = 0
+
+    def walk(jaxpr):
+        nonlocal total
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "scan":
+                for v in eqn.outvars:
+                    if "<host>" in str(v.aval):
+                        total += math.prod(v.aval.shape) * np.dtype(v.aval.dtype).itemsize
+            for p in eqn.params.values():
+                inner = getattr(p, "jaxpr", None)
+                if inner is not None and hasattr(inner, "eqns"):
+                    walk(inner)
+                elif hasattr(p, "eqns"):
+                    walk(p)
+    walk(fn.trace(*args).traced.jaxpr.jaxpr)
+    return total // per_device
+
+
 def compile_memory(fn, args) -> tuple[dict, float]:
     """XLA's per-device memory analysis of `fn` (an nnx.jit function) compiled for `args`."""
     start = time.time()
@@ -235,31 +245,8 @@ def compile_memory(fn, args) -> tuple[dict, float]:
     return out, time.time() - start
 
 
-TABLE_UNSUPPORTED = "the log-prob path does not take a sequence-sharded [S, N_s, D] table"
-
-
-def resolve_table_layout(requested: str, fn, model, mesh, config, d, dtype) -> tuple[str, str]:
-    """(layout, note): 'sharded' if the log-prob path traces with `_table_struct`'s table
-    ('auto' falls back to 'replicated' with a note, 'sharded' raises), or 'replicated'."""
-    if requested == "replicated":
-        return requested, ""
-    rules = build.rules(config)
-    t = batch_lib.length_multiple(mesh, config.sp.layout)
-    m = mesh_lib.batch_degree(mesh, rules)
-    b = dict(row_structs(mesh, rules, (m,), t, 8),
-             video_table=_table_struct(mesh, 1, TABLE_MULTIPLE, d, dtype))
-    try:
-        fn.eval_shape(model, b)
-    except Exception as e:   # any tracing failure means "not this layout"
-        why = f"{TABLE_UNSUPPORTED} ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
-        if requested == "sharded":
-            raise ValueError(why) from e
-        return "replicated", why + "; measured the replicated float32 [N, D] table"
-    return "sharded", ""
-
-
 def measure(config, frames: int, sequence: int, devices: int, stages=STAGES, layers: int = 0,
-            prompt_tokens: int = 64, table_layout: str = "auto", log=print) -> list[dict]:
+            prompt_tokens: int = 64, log=print) -> list[dict]:
     """Rows for one (frames, sequence) point: every stage compiled, never run."""
     config = config.copy_and_resolve_references()
     config.mesh.sequence = sequence
@@ -275,12 +262,9 @@ def measure(config, frames: int, sequence: int, devices: int, stages=STAGES, lay
     tpf = cfg.tokens_per_frame
     rules = build.rules(config)
     fns = step_functions(mesh, config, tuple(stages))
-    layout, note = resolve_table_layout(
-        table_layout, fns.get("rl_logprobs") or rl_trainer.make_logprob_fn(mesh), model, mesh,
-        config, d, dtype)
-    if note:
-        log(f"note: {note}")
-    params = device_bytes(_values(model))
+    ref_params = device_bytes([jax.ShapeDtypeStruct(
+        x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
+        sharding=x.sharding) for x in _values(model)])    # rl.trainer.RefModel
     rows = []
     opts = {}
     for stage in stages:
@@ -291,23 +275,33 @@ def measure(config, frames: int, sequence: int, devices: int, stages=STAGES, lay
             opts[kind] = abstract_optimizer(model, mesh, config, c.optimizer,
                                             config.sft.trainable if kind == "sft" else "llm")
         opt = opts[kind]
-        table = table_struct(layout, mesh, shapes.videos, frames * tpf, d, dtype)
+        table = table_struct(mesh, shapes.videos, frames * tpf, d, dtype)
         args = stage_args(stage, model, opt, mesh, config, shapes, table)
         mem, secs = compile_memory(fns[stage], args)
+        per_device = math.prod(mesh.shape[a] for a in mesh_lib.AXES)
+        offload = host_offload_bytes(fns[stage], args, per_device) \
+            if config.model.get("remat_offload") else 0
         given = device_bytes([_values(a) for a in args])
         resident = {"unused_arguments": max(0, given - mem["argument_bytes"])}
-        if stage.startswith("rl") and config.rl.kl_coef:
-            resident["reference_params"] = params       # nnx.clone(model) in rl.trainer.train
+        rl = config.rl
+        if stage.startswith("rl"):
+            if rl.kl_coef and (stage == "rl_logprobs" or not rl.ref_on_host):
+                resident["reference_params"] = ref_params     # rl.trainer.RefModel
+            if not rl.video_on_host:      # the step's other mini-batches' tables wait on device
+                steps = rl.prompts_per_step * rl.group_size
+                others = -(-steps // min(rl.minibatch_size, steps)) - 1
+                resident["other_minibatch_tables"] = others * device_bytes([table])
         if stage == "rl_logprobs":
             resident["optimizer_state"] = device_bytes(_values(opt))
         res = sum(resident.values())
         rows.append({
             "stage": stage, "frames": frames, "tokens": shapes.t, "sequence": sequence,
             "devices": devices, "micro_batch": shapes.m, "num_micro": shapes.n,
-            "response_tokens": shapes.r, "videos": shapes.videos, "table_layout": layout,
+            "response_tokens": shapes.r, "videos": shapes.videos,
             "layers": cfg.llm.num_layers, **mem, "resident_bytes": res, "resident": resident,
+            "offload": bool(config.model.get("remat_offload")), "host_offload_bytes": offload,
             "peak_bytes_per_device": mem["argument_bytes"] + mem["output_bytes"]
-            + mem["temp_bytes"] - mem["alias_bytes"] + res,
+            + mem["temp_bytes"] - mem["alias_bytes"] + res - offload,
             "compile_s": round(secs, 1)})
     return rows
 
@@ -364,7 +358,6 @@ def parse(argv: list[str]):
     ap.add_argument("--layers", type=int, default=0, help="LLM depth (0: the config's)")
     ap.add_argument("--budget_gb", type=float, default=80.0)
     ap.add_argument("--prompt_tokens", type=int, default=64)
-    ap.add_argument("--table_layout", default="auto", choices=("auto", "sharded", "replicated"))
     args, rest = ap.parse_known_args(argv[1:])
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "experiment config", flag_values=fv)
@@ -383,7 +376,7 @@ def main(argv: list[str]) -> list[dict]:
     for s in args.sequence or [config.mesh.sequence]:
         for f in args.frames:
             rows += measure(config, f, s, args.devices, stages=args.stages, layers=args.layers,
-                            prompt_tokens=args.prompt_tokens, table_layout=args.table_layout)
+                            prompt_tokens=args.prompt_tokens)
             print_table(rows[-len(args.stages):])
     print()
     print_table(rows)

@@ -11,11 +11,12 @@ def model_config(preset: str = "tiny", **kw):
     `init_std` rescales a fresh model's random weights (never a checkpoint's); `attention`
     "flash" is blockwise, for long sequences without SP; token ids -1 come from the tokenizer.
     `remat_offload` (with `remat`) keeps each layer's saved input in pinned host memory, not on
-    the device: longer sequences for host<->device traffic."""
+    the device: longer sequences for host<->device traffic. `mlp_chunk` > 0 runs the MLP on
+    pieces of about that many tokens per device (its [T, 5D] intermediates one piece at a time)."""
     c = ml_collections.ConfigDict(dict(
         preset=preset, vocab_size=640, checkpoint="", param_dtype="float32", dtype="float32",
         init_std=0.02, attention="dense", video_token_id=-1, separator_token_id=-1,
-        scan_layers=False, remat=False, remat_offload=False))
+        scan_layers=False, remat=False, remat_offload=False, mlp_chunk=0))
     c.update(kw)
     return c
 

@@ -29,9 +29,13 @@ def get_config(arg: str | None = None):
     c.thinking = True
     c.model = common.model_config(
         "tiny" if runlocal else "longvila_r1_7b",
-        param_dtype="float32" if runlocal else "bfloat16",
+        # float32 master weights and Adam state, bfloat16 compute: at lr 1e-6 an update is
+        # ~1e-6 of a weight, far below bfloat16's resolution (2^-8), so bf16 weights would
+        # round every update away.
+        param_dtype="float32",
         dtype="float32" if runlocal else "bfloat16",
-        scan_layers=not runlocal, remat=not runlocal, attention="dense" if runlocal else "flash")
+        scan_layers=not runlocal, remat=not runlocal, attention="dense" if runlocal else "flash",
+        mlp_chunk=0 if runlocal else 8192)
     c.mesh = common.mesh_config(fsdp=-1, sequence=1 if runlocal else 4)
     c.sharding_rules = common.sharding_rules()
     c.sp = common.sp_config(strategy="ring", layout="zigzag", frames_per_chunk=16)
@@ -47,6 +51,7 @@ def get_config(arg: str | None = None):
         temperature=1.0, top_p=0.99, clip_low=0.2, clip_high=0.3, clip_dual=3.0,
         kl_coef=0.01, kl_type="low_var_kl", kl_in="loss", loss_agg="token-mean",
         minibatch_size=32 if runlocal else 128, micro_batch_size=1, logprob_micro_batch_size=1,
+        video_on_host=not runlocal,     # the step's other mini-batches' rows wait in host memory
         eval_every=0 if runlocal else 50,
         checkpoint_every=1 if runlocal else 10)
     c.eval = common.eval_config(num_examples=8 if runlocal else 0,

@@ -239,13 +239,26 @@ def table_sharding(mesh, memory_kind: str | None = None) -> NamedSharding:
 def place_table(table: np.ndarray, mesh, dtype=None, memory_kind: str | None = None
                 ) -> jax.Array:
     """A split video table (`in_layout`) onto the mesh in `dtype` (the model's compute dtype:
-    cast on the host, so only those bytes cross), each device receiving its shard only."""
+    cast on the host, so only those bytes cross), each device receiving its shard only.
+    16-bit floats travel as their uint16 bits (`table_bits`)."""
     if table.ndim != 3 or table.shape[0] != mesh.shape["sequence"]:
         raise ValueError(f"video table {table.shape} is not split for sequence "
                          f"{mesh.shape['sequence']} (use batch.in_layout)")
     if dtype is not None:
-        table = np.asarray(table, dtype)
+        table = table_bits(np.asarray(table, dtype))
     return sequence.put_from_host(table, table_sharding(mesh, memory_kind))
+
+
+def table_bits(table):
+    """A 16-bit float table as its uint16 bits (numpy or jax; others unchanged): the splice
+    gathers integers, because XLA:CPU widens a bfloat16 gather's whole operand to float32
+    first (a float32 copy of the table per step, measured in bench/trainer_memory.py)."""
+    if table.dtype.itemsize == 2 and np.issubdtype(table.dtype, np.floating) or \
+            str(table.dtype) == "bfloat16":
+        if isinstance(table, np.ndarray):
+            return table.view(np.uint16)
+        return jax.lax.bitcast_convert_type(table, np.uint16)
+    return table
 
 
 def row_sharding(mesh, name: str, shape, rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES, *,

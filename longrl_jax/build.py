@@ -131,9 +131,11 @@ def _constructor(config, video_token_id, separator_token_id, adjust):
 
 
 def _install(llm, mesh, config) -> None:
-    """What the config sets on a built LLM: its attention and its remat offload."""
+    """What the config sets on a built LLM: its attention, remat offload and MLP pieces."""
     install_attention(llm, mesh, config)
     llm.remat_offload = bool(config.model.get("remat_offload", False))
+    llm.mlp_chunk = int(config.model.get("mlp_chunk", 0))
+    llm.seq_shards = mesh.shape["sequence"]
 
 
 def install_attention(llm, mesh, config) -> None:

@@ -5,7 +5,6 @@ activations [.., T, D], and the video rows each device receives shrink with the 
 
 import re
 
-import jax
 import numpy as np
 import pytest
 from batch_fixtures import SEP_ID, VIDEO_ID, toy_batch

@@ -59,8 +59,36 @@ class Qwen2MLP(nnx.Module):
         self.up_proj = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), **kw)
         self.down_proj = Einsum("BTF,FD->BTD", (f, d), ("mlp", "embed"), **kw)
 
-    def __call__(self, x_btd):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd))
+    def __call__(self, x_btd, chunks: tuple[int, int] | None = None):
+        """`chunks` = (S, n): T (S equal shards, the sequence axis) is processed n pieces per
+        shard at a time, each rematerialised, so the [T, F] intermediates (F ~ 5 D) of a long
+        sequence exist one piece at a time, forward and backward. Per-token: same result."""
+        if chunks is None or chunks[1] == 1:
+            return self._mlp(x_btd)
+        s, n = chunks
+        b, t, d = x_btd.shape
+        c = t // (s * n)
+        x_nbscd = jnp.moveaxis(x_btd.reshape(b, s, n, c, d), 2, 0)
+
+        def piece(x_bscd):      # the piece of every shard, [B, S * c, D] with S split
+            return self._mlp(x_bscd.reshape(b, s * c, d)).reshape(b, s, c, d)
+        y = jax.lax.map(jax.checkpoint(piece), x_nbscd)
+        return jnp.moveaxis(y, 0, 2).reshape(b, t, d)
+
+    def _mlp(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def mlp_chunks(t: int, shards: int, chunk: int) -> tuple[int, int] | None:
+    """(shards, n) for `Qwen2MLP`: the fewest pieces per shard of at most ~`chunk` tokens that
+    divide the shard's T / shards tokens evenly (None: no chunking)."""
+    if chunk <= 0 or t % shards:
+        return None
+    local = t // shards
+    n = -(-local // chunk)
+    while local % n:
+        n += 1
+    return (shards, n) if n > 1 else None
 
 
 class Qwen2Block(nnx.Module):
@@ -73,10 +101,11 @@ class Qwen2Block(nnx.Module):
                                                 param_dtype=param_dtype)
         self.mlp = Qwen2MLP(cfg, **kw)
 
-    def __call__(self, x_btd, cos_bth, sin_bth, kv_valid_bs, attn_fn: AttnFn):
+    def __call__(self, x_btd, cos_bth, sin_bth, kv_valid_bs, attn_fn: AttnFn,
+                 mlp_chunks: tuple[int, int] | None = None):
         x_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), cos_bth, sin_bth, kv_valid_bs,
                                        attn_fn)
-        return x_btd + self.mlp(self.post_attention_layernorm(x_btd))
+        return x_btd + self.mlp(self.post_attention_layernorm(x_btd), mlp_chunks)
 
 
 class Qwen2ForCausalLM(nnx.Module):
@@ -109,6 +138,8 @@ class Qwen2ForCausalLM(nnx.Module):
         self.attn_fn: AttnFn = dense_attention
         self.act_sharding = None
         self.remat_offload = False   # see `remat_policy`
+        self.mlp_chunk = 0           # tokens per MLP piece (0: whole), see `Qwen2MLP`
+        self.seq_shards = 1          # the sequence axis T is split over (set with SP)
 
     def set_attention(self, attn_fn: AttnFn, act_sharding=None) -> None:
         """Replaces the attention kernel (the build step installs flash or MR-SP's strategies;
@@ -151,12 +182,14 @@ class Qwen2ForCausalLM(nnx.Module):
         constrain = (lambda x: jax.lax.with_sharding_constraint(x, self.act_sharding)) \
             if self.act_sharding is not None else (lambda x: x)
         x_btd = constrain(x_btd)
+        chunks = mlp_chunks(t, self.seq_shards, self.mlp_chunk)
         if self.scan_layers:
-            x_btd = self._scan_layers(x_btd, cos, sin, attention_mask_bt, attn_fn, constrain)
+            x_btd = self._scan_layers(x_btd, cos, sin, attention_mask_bt, attn_fn, constrain,
+                                      chunks)
         else:
             def block(layer, x_btd, cos, sin, mask_bt):
                 x_btd = checkpoint_name(x_btd, LAYER_INPUT)
-                return layer(x_btd, cos, sin, mask_bt, attn_fn)
+                return layer(x_btd, cos, sin, mask_bt, attn_fn, chunks)
 
             if self.remat:
                 block = nnx.remat(block, policy=self.remat_policy())
@@ -164,7 +197,7 @@ class Qwen2ForCausalLM(nnx.Module):
                 x_btd = constrain(block(layer, x_btd, cos, sin, attention_mask_bt))
         return self.norm(x_btd)
 
-    def _scan_layers(self, x_btd, cos, sin, mask_bt, attn_fn, constrain):
+    def _scan_layers(self, x_btd, cos, sin, mask_bt, attn_fn, constrain, chunks):
         """The layers as one `lax.scan` over their stacked parameters, rematerialised per layer:
         one compiled layer whatever the depth, and a backward pass that keeps only each layer's
         input (the recomputation sits in a separate loop, where no pass can fold it back into
@@ -174,7 +207,7 @@ class Qwen2ForCausalLM(nnx.Module):
         def body(x_btd, state):
             layer = nnx.merge(graphdef, state)
             x_btd = checkpoint_name(x_btd, LAYER_INPUT)
-            return constrain(layer(x_btd, cos, sin, mask_bt, attn_fn)), None
+            return constrain(layer(x_btd, cos, sin, mask_bt, attn_fn, chunks)), None
 
         if self.remat:
             body = jax.checkpoint(body, policy=self.remat_policy())

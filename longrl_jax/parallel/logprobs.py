@@ -78,7 +78,14 @@ def embed_inputs(model, b: dict, *, mesh, rules=DEFAULT_RULES) -> jax.Array:
                                             NamedSharding(mesh, act))
 
     def local(text, rows, table):
-        return splice_embeddings(text, table[0].astype(text.dtype), rows, xp=jnp)
+        table = table[0]
+        if table.dtype == jnp.uint16:       # a 16-bit float table's bits (`batch.table_bits`)
+            if text.dtype.itemsize != 2:
+                raise ValueError(f"a 16-bit video table for a {text.dtype} model")
+            bits = splice_embeddings(jax.lax.bitcast_convert_type(text, jnp.uint16), table,
+                                     rows, xp=jnp)
+            return jax.lax.bitcast_convert_type(bits, text.dtype)
+        return splice_embeddings(text, table.astype(text.dtype), rows, xp=jnp)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(act, P(act[0], seq), P(seq)),
                          out_specs=act, check_vma=False)(text, b["video_rows"],

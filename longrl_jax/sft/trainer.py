@@ -23,6 +23,7 @@ from longrl_jax.batch import (
     length_multiple,
     place_micro_batches,
     place_table,
+    table_bits,
     table_sharding,
 )
 from longrl_jax.checkpoint import open_checkpoints
@@ -51,7 +52,8 @@ def _video_table(model, shared):
     rows = rows.reshape(-1, rows.shape[-1])
     index = shared["table_index"]
     split = jnp.take(rows, jnp.clip(index, 0, rows.shape[0] - 1), axis=0)
-    return jnp.where((index >= 0)[..., None], split, 0).astype(shared["video_table"].dtype)
+    split = jnp.where((index >= 0)[..., None], split, 0).astype(model.llm.dtype)
+    return table_bits(split)
 
 
 def micro_loss(model, mb, shared, n_tokens, mesh, rules=DEFAULT_RULES):
