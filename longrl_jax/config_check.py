@@ -69,6 +69,9 @@ def _check_data(c, need) -> None:
 def _check_model(c, need) -> None:
     need(c.model.init_std > 0, "model.init_std", "must be positive")
     need(c.model.attention in ATTENTION, "model.attention", " or ".join(ATTENTION))
+    need(c.model.mlp_chunk >= 0, "model.mlp_chunk", "must be >= 0 (0: the whole MLP at once)")
+    need(c.model.remat or not c.model.remat_offload, "model.remat_offload",
+         "offloads what rematerialisation saves: set model.remat too")
     need(c.sp.strategy in SP_STRATEGIES, "sp.strategy",
          f"unknown SP strategy {c.sp.strategy!r}; choose from {SP_STRATEGIES}")
     need(c.sp.layout in SP_LAYOUTS, "sp.layout",
