@@ -126,8 +126,8 @@ def test_sft_step_in_micro_batches_equals_whole_batch():
             np.testing.assert_allclose(out[n][1][k], out[1][1][k], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("minibatch", [8, 4])
-def test_logprobs_in_micro_batches_equal_unbatched(minibatch):
+@pytest.mark.parametrize("minibatch,on_host", [(8, False), (4, True)])
+def test_logprobs_in_micro_batches_equal_unbatched(minibatch, on_host):
     """Through the trainer's mini-batches of whole groups (each with its own video table) and
     micro-batches of 1 and 3 sequences per device: the log-probs of the whole batch at once."""
     config, model, mesh = _setup()
@@ -135,6 +135,7 @@ def test_logprobs_in_micro_batches_equal_unbatched(minibatch):
     logprob_fn = rl_trainer.make_logprob_fn(mesh)
     whole, _ = jax.device_get(logprob_fn(model, batch_lib.place_batch(batch, mesh)))
     config.rl.minibatch_size = minibatch
+    config.rl.video_on_host = on_host        # the tables wait in pinned host memory
     group_ids = np.arange(ROWS) % 4          # groups of 2, interleaved
     for per_device in (1, 3):
         config.rl.logprob_micro_batch_size = per_device
@@ -142,6 +143,28 @@ def test_logprobs_in_micro_batches_equal_unbatched(minibatch):
                                     model=model)
         video = rl_trainer.StepVideo(ctx, batch, group_ids, step=0)
         assert len(video.parts) == ROWS // minibatch
+        assert video.tables[0].sharding.memory_kind == ("pinned_host" if on_host else "device")
         (got,) = rl_trainer.logprobs_in_micro_batches(logprob_fn, [model], video)
         assert got.shape == whole.shape
         np.testing.assert_allclose(got * batch.mask, whole * batch.mask, rtol=0, atol=1e-6)
+
+
+def test_reference_keeps_its_own_buffers_through_a_donated_update():
+    """`RefModel` (in pinned host memory here) scores like the policy it copied, and the
+    policy's donated update neither deletes nor changes it."""
+    config, model, mesh = _setup()
+    batch, rl = _batch(4)
+    ref = rl_trainer.RefModel(model, on_host=True)
+    logprob_fn = rl_trainer.make_logprob_fn(mesh)
+    placed = batch_lib.place_batch(batch, mesh)
+    before, _ = jax.device_get(logprob_fn(model, placed))
+    opt = _optimizer(model)
+    micro = batch_lib.place_micro_batches(dict(batch.row_arrays(), **rl), 1, mesh,
+                                          zero=("mask", "adv"))
+    rl_trainer.make_update_fn(mesh, config.rl)(model, opt, micro, placed["video_table"])
+    after, _ = jax.device_get(logprob_fn(model, placed))
+    with ref.on_device() as ref_model:
+        got, _ = jax.device_get(logprob_fn(ref_model, placed))
+    mask = batch.mask > 0
+    assert np.abs(after - before)[mask].max() > 1e-4          # the policy moved
+    np.testing.assert_array_equal(got[mask], before[mask])     # the reference did not
