@@ -107,11 +107,14 @@ def say(line: str) -> None:
 
 
 def load_final(ctx, stage: str) -> None:
-    """A finished stage's parameters into the run's model."""
+    """A finished stage's parameters into the run's model, in the run's parameter dtype (a
+    bfloat16 run resumed after SFT must not continue with float32 parameters)."""
+    import jax.numpy as jnp
     from flax import nnx
 
     from longrl_jax import checkpoint
-    loaded = checkpoint.load_params(ctx.path("params", stage), mesh=ctx.mesh, rules=ctx.rules)
+    loaded = checkpoint.load_params(ctx.path("params", stage), mesh=ctx.mesh, rules=ctx.rules,
+                                    param_dtype=getattr(jnp, ctx.config.model.param_dtype))
     nnx.update(ctx.model, nnx.state(loaded, nnx.Param))
 
 

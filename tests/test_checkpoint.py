@@ -198,6 +198,35 @@ def test_restore_into_a_differently_sharded_model(tmp_path):
     _assert_trees_equal((_host(model_b, nnx.Param), _host(opt_b, nnx.OptState)), saved)
 
 
+def test_a_finished_stage_loads_in_the_run_param_dtype_and_shards(tmp_path):
+    """`main.load_final` (a re-run skipping a finished stage) keeps a bfloat16 run bfloat16: it
+    once loaded float32, and a resumed bf16 run silently trained on in float32."""
+    from types import SimpleNamespace
+
+    import ml_collections
+
+    from longrl_jax import checkpoint, main
+    mesh = mesh_lib.make_mesh({"fsdp": 2, "sequence": 4})
+    cfg = ModelConfig.tiny(vocab_size=128)
+
+    def make(seed):
+        return mesh_lib.create_sharded(
+            lambda: VLM(cfg, rngs=nnx.Rngs(seed), param_dtype=jnp.bfloat16), mesh)
+    finished = make(0)
+    saved = _host(finished, nnx.Param)
+    checkpoint.save_params(finished, str(tmp_path / "params" / "sft"))
+    model = make(1)
+    before = _shardings(model, nnx.Param)
+    ctx = SimpleNamespace(
+        model=model, mesh=mesh, rules=mesh_lib.DEFAULT_RULES,
+        config=ml_collections.ConfigDict({"model": {"param_dtype": "bfloat16"}}),
+        path=lambda *parts: str(tmp_path.joinpath(*parts)))
+    main.load_final(ctx, "sft")
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype("bfloat16")}
+    assert _shardings(model, nnx.Param) == before
+    _assert_trees_equal(_host(model, nnx.Param), saved)
+
+
 # ------------------------------------------------------------------------------------------------
 # A save killed mid-write.
 
