@@ -4,6 +4,7 @@ the parameters the stage trains."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -19,9 +20,13 @@ def optimizer(model, opt_cfg, trainable: str) -> nnx.Optimizer:
         sched = optax.join_schedules(
             [optax.linear_schedule(0.0, opt_cfg.lr, opt_cfg.warmup_steps), sched],
             [opt_cfg.warmup_steps])
+    # mu_dtype: the first moment is kept in float32 from the start. Left to optax, it is
+    # created in the parameters' dtype and becomes float32 after the first float32 gradient:
+    # with bfloat16 parameters the state changed dtype after step 1 (a second compile), and a
+    # resume restored it into the bf16 arrays of a fresh optimizer (a different trajectory).
     tx = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip),
                      optax.adamw(sched, b1=opt_cfg.b1, b2=opt_cfg.b2,
-                                 weight_decay=opt_cfg.weight_decay))
+                                 weight_decay=opt_cfg.weight_decay, mu_dtype=jnp.float32))
     opt = nnx.Optimizer(model, tx, wrt=trainable_filter(trainable))
     _onto_model_mesh(opt, model)
     return opt

@@ -31,3 +31,20 @@ def test_no_warmup_steps_at_full_lr_from_the_first_step():
 
 def test_warmup_starts_at_zero():
     assert _first_step_change(10) == 0.0
+
+
+def test_optimizer_state_keeps_its_dtypes_with_bf16_params():
+    """bf16 parameters, float32 gradients (accumulated in float32): the state a checkpoint saves
+    after a step has the dtypes a fresh optimizer restores it into."""
+    model = _Model()
+    nnx.update(model, jax.tree.map(lambda x: x.astype(jnp.bfloat16),
+                                   nnx.state(model, nnx.Param)))
+    cfg = ml_collections.ConfigDict(dict(lr=0.1, warmup_steps=0, weight_decay=0.01,
+                                         grad_clip=1.0, b1=0.9, b2=0.999))
+    opt = optimizer(model, cfg, "llm")
+    dtypes = lambda: [x.dtype for x in jax.tree.leaves(nnx.state(opt, nnx.OptState))]  # noqa: E731
+    before = dtypes()
+    grads = jax.tree.map(lambda x: jnp.ones(x.shape, jnp.float32), nnx.state(model, nnx.Param))
+    opt.update(model, grads)
+    assert dtypes() == before
+    assert model.llm.kernel[...].dtype == jnp.bfloat16
