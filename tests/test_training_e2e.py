@@ -3,6 +3,13 @@
 One training run goes uninterrupted; a second, identical one is SIGKILLed in the middle of an RL
 step, restarted on the same workdir, and must finish with bit-identical parameters. The RL task
 is trivially learnable (every RL question's answer is "A"), so the reward must rise.
+
+Both runs take the 7B recipe's code path at toy size (configs/longvila_r1_7b_grpo.py): 8 host
+devices as fsdp 2 x sequence 4, ring attention in the zig-zag layout, scanned remat layers,
+bfloat16 parameters, micro-batched log-prob passes and updates, and a low-variance KL to the
+frozen reference in the loss. Unlike the recipe it computes in float32, so the rollout server's
+float32 copy of the same bf16 weights scores the samples as the trainer does and the log-prob
+mismatch check stays tight.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import pytest
 from longrl_jax.data import synthetic
 
 RL_STEPS = 16
+DEVICES, SEQUENCE = 8, 4
 
 
 def _write_data(root: str) -> None:
@@ -43,11 +51,16 @@ def _cmd(data: str, workdir: str) -> list[str]:
         "sft.max_response_tokens": 16, "sft.checkpoint_every": 20,
         "rl.steps": RL_STEPS, "rl.prompts_per_step": 8, "rl.group_size": 8,
         "rl.minibatch_size": 32, "rl.max_response_tokens": 16, "rl.eval_every": 0,
-        "rl.checkpoint_every": 1, "rl.optimizer.lr": 1e-3, "rl.kl_coef": 0.0,
+        "rl.checkpoint_every": 1, "rl.optimizer.lr": 1e-3,
         "eval.num_examples": 8, "eval.max_tokens": 16,
         # pinned where the demo config differs, so this test keeps its own calibrated task
         "model.init_std": 0.02, "sft.num_frames": 0, "rl.dynamic_sampling": False,
         "data.num_frames": 16,
+        # the 7B code path at toy size
+        "mesh.sequence": SEQUENCE, "mesh.fsdp": -1, "sp.strategy": "ring", "sp.layout": "zigzag",
+        "model.scan_layers": True, "model.remat": True, "model.param_dtype": "bfloat16",
+        "model.dtype": "float32", "rl.micro_batch_size": 2, "rl.logprob_micro_batch_size": 4,
+        "rl.kl_coef": 0.01, "rl.kl_type": "low_var_kl", "rl.kl_in": "loss",
     }
     return [sys.executable, "-m", "longrl_jax.main", "--config=configs/demo.py:quick",
             f"--workdir={workdir}", "--config.stages=('sft','rl','export')",
@@ -55,9 +68,8 @@ def _cmd(data: str, workdir: str) -> list[str]:
 
 
 def _env():
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # one device, as `make demo` runs
-    return env
+    return dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", JAX_PLATFORMS="cpu",
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}")
 
 
 def _rl_steps(workdir: str) -> list[dict]:
@@ -105,6 +117,21 @@ def test_reward_rises_on_a_learnable_task(runs):
     assert last > first + 0.15, rewards
     mismatch = max(r["rollout/logp_mismatch"] for r in _rl_steps(a))
     assert mismatch < 1e-3  # rollout and trainer score the same sequence with the same weights
+
+
+def test_both_runs_take_the_7b_code_path(runs):
+    """What the overrides ask for is what ran: the mesh, the stored parameters, KL in the loss."""
+    import jax
+    import orbax.checkpoint as ocp
+    for workdir in runs[:2]:
+        log = open(os.path.join(workdir, "run.log")).read()
+        assert f"mesh {{'data': 1, 'fsdp': {DEVICES // SEQUENCE}, 'sequence': {SEQUENCE}, " \
+            "'tensor': 1}" in log
+        meta = json.load(open(os.path.join(workdir, "params", "rl", "model_config.json")))
+        assert meta["scan_layers"] is True
+        stored = ocp.StandardCheckpointer().metadata(f"{workdir}/params/rl/params").item_metadata
+        assert {str(leaf.dtype) for leaf in jax.tree.leaves(stored)} == {"bfloat16"}
+        assert all(r["actor/kl"] > 0 for r in _rl_steps(workdir)[1:])
 
 
 def test_killed_run_resumes_to_identical_parameters(runs):
