@@ -17,6 +17,7 @@ from longrl_jax import batch as batch_lib
 from longrl_jax import build
 from longrl_jax.optim import optimizer
 from longrl_jax.parallel import logprobs
+from longrl_jax.parallel import mesh as mesh_lib
 from longrl_jax.rl.trainer import make_update_fn
 
 FRAMES = 96      # 96 x (4 rows + 1 separator) = 480 video tokens: the video spans T
@@ -47,12 +48,12 @@ def _compiled(sequence, layout="zigzag", rows=4):
     table = batch_lib.place_table(batch.video_table, mesh, model.llm.dtype)
     opt = optimizer(model, config.rl.optimizer, "llm")
     update = make_update_fn(mesh, config.rl)
-    return update.lower(model, opt, micro, table).compile(), table, model.llm.cfg.hidden_size
+    return update.lower(model, opt, micro, table).compile(), model.llm.cfg.hidden_size
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 def test_no_full_length_activation_with_sequence_parallelism(layout):
-    compiled, _, d = _compiled(4, layout)
+    compiled, d = _compiled(4, layout)
     hlo = compiled.as_text()
     local = re.findall(rf"\[[0-9,]*\b{T // 4},{d}\]", hlo)
     assert local, "the per-device [.., T/sp, D] activations were not found: test is blind"
@@ -61,12 +62,17 @@ def test_no_full_length_activation_with_sequence_parallelism(layout):
 
 
 def test_video_rows_per_device_shrink_with_the_sequence_axis():
+    """Each device receives its sequence shard's rows only (the compiled step's argument bytes
+    are checked the same way in tests/test_trainer_memory.py)."""
     per_device = {}
     for sp in (1, 2, 4):
-        _, table, d = _compiled(sp)
+        mesh = mesh_lib.make_mesh(dict(fsdp=-1, sequence=sp))
+        batch = batch_lib.in_layout(toy_batch([3, 5, 8, 2], seed=0, length_multiple=T,
+                                              num_videos=4, frames=FRAMES), mesh, "zigzag")
+        table = batch_lib.place_table(batch.video_table, mesh, jnp.bfloat16)
         shard = table.addressable_shards[0].data
-        per_device[sp] = shard.nbytes
         assert table.shape[0] == sp and shard.shape[0] == 1
+        per_device[sp] = shard.nbytes
     # 4 videos x 384 rows: a device holds about 1/sp of them (zig-zag chunks, table padding)
     assert per_device[2] <= 0.6 * per_device[1], per_device
     assert per_device[4] <= 0.35 * per_device[1], per_device
