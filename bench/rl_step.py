@@ -23,9 +23,10 @@ on device after the rollouts are back, in three modes:
             on the sequence in `--layout` order (`sp.layout`; zig-zag, the trainers' default).
 
 The passes are the trainer's own jitted functions (`make_logprob_fn`, `make_update_fn`, one
-update over all B = prompts x G rows, i.e. minibatch = the whole batch, one PPO epoch), fed by
-`batch_lib.build_batch` / `place_batch`. For `none` the model is wrapped so that its `splice`
-encodes frames passed in place of the video table; nothing else differs. All modes' models are
+update over all B = prompts x G rows, i.e. minibatch = the whole batch, one PPO epoch, in
+micro-batches of `--micro_batch_size` sequences per device), fed by `batch_lib.build_batch` /
+`place_batch`. For `none` the model is wrapped so that its `video_table` encodes frames passed
+in place of the table; nothing else differs. All modes' models are
 alive at once (memory = modes x (model + reference + Adam)).
 
 Rollout generation is OUT OF SCOPE (it runs in the vLLM server): every response is a fixed random
