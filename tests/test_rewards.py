@@ -45,14 +45,15 @@ def test_rule_reward_tricky_responses(response, want):
 
 
 def test_option_letter_with_explanation_is_wrong_in_the_original():
-    # r1v removes spaces -> "B.explanation"; it does not cut at ".", and mathruler does not
-    # equate "B.explanation" with "B".
-    assert score("<think>x</think><answer> B. explanation </answer>") == (0.0, 1.0)
-    assert score("<think>x</think><answer>B.</answer>") == (0.0, 1.0)
-    # the opt-in cut takes the letter
-    assert score("<think>x</think><answer> B. explanation </answer>",
-                 cut_at_period=True) == (1.0, 1.0)
-    assert score("<think>x</think><answer>B.</answer>", cut_at_period=True) == (1.0, 1.0)
+    # the July 2025 r1v removes spaces -> "B.explanation"; it does not cut at ".", and
+    # mathruler does not equate "B.explanation" with "B".
+    old = dict(cut_at_period=False)
+    assert score("<think>x</think><answer> B. explanation </answer>", **old) == (0.0, 1.0)
+    assert score("<think>x</think><answer>B.</answer>", **old) == (0.0, 1.0)
+    # the newest r1v (our default) cuts at the first "." and takes the letter
+    assert score("<think>x</think><answer> B. explanation </answer>") == (1.0, 1.0)
+    assert score("<think>x</think><answer>B.</answer>") == (1.0, 1.0)
+    assert score("<think>x</think><answer>B. Argentina win 4-3</answer>") == (1.0, 1.0)
 
 
 @pytest.mark.parametrize("given,gt,want", [
@@ -70,8 +71,8 @@ def test_decimals_survive_the_cut():
         assert score("<answer>3.5</answer>", "3.5", cut_at_period=cut)[0] == 1.0
         assert score("<answer>3.5</answer>", "3", cut_at_period=cut)[0] == 0.0
         assert score("<answer>.5</answer>", "1/2", cut_at_period=cut)[0] == 1.0
-    assert score("<answer>3.5. Because</answer>", "3.5", cut_at_period=True)[0] == 1.0
-    assert score("<answer>3.5. Because</answer>", "3.5")[0] == 0.0
+    assert score("<answer>3.5. Because</answer>", "3.5")[0] == 1.0
+    assert score("<answer>3.5. Because</answer>", "3.5", cut_at_period=False)[0] == 0.0
 
 
 @pytest.mark.parametrize("gt", ["B", " B ", "<answer>B</answer>", "<answer> B </answer>",
@@ -207,9 +208,9 @@ def test_judge_yes_no(server, monkeypatch):
 @pytest.mark.parametrize("server", ["slow"], indirect=True)
 def test_judge_timeout_is_scored_zero_and_counted(server):
     judge = judge_for(server)
-    t0 = time.monotonic()
     s = judge.score("q", "<answer>Paris</answer>", "Paris")
-    assert time.monotonic() - t0 < 0.9  # two 0.2 s attempts, not the 1 s reply
+    # the fake answers Yes after 1 s: a 0 with a timeout means the 0.2 s limit cut both tries
+    # (no wall-clock assertion: a loaded machine must not fail this)
     assert s["accuracy"] == 0.0 and "timeout" in s["judge_error"]
     assert judge.failures == 1 and len(server.requests) == 2
 

@@ -57,21 +57,21 @@ def unwrap_answer(text: str) -> str:
     return (m.group(1) if m else text).strip()
 
 
-def extract_given_answer(response: str, *, cut_at_period: bool = False) -> str:
+def extract_given_answer(response: str, *, cut_at_period: bool = True) -> str:
     """The answer r1v grades: from the response with every space and newline removed, the first
     `<answer>` group, stripped; with no such group, the original response stripped (spaces kept,
     as r1v does).
 
-    By default nothing is cut, as in the July 2025 snapshot of Long-RL's r1v.py:
-    `<answer> B. explanation </answer>` becomes "B.explanation", which mathruler does not equal
-    to "B" (accuracy 0), and decimals stay whole ("3.5" stays "3.5"). The trainer uses this
-    default.
+    By default (`cut_at_period=True`) the answer is kept up to its first ".", as Long-RL's newest
+    r1v.py does (since its commit 16f5e31), so "B.explanation" -> "B" (docs/REFERENCE.md, "Rule
+    reward (r1v)"). Cutting literally at the first "." would turn "3.5" into "3", scoring it
+    right against ground truth "3" and wrong against "3.5" (the original's defect); so the cut
+    skips a "." followed by a digit: "3.5" and ".5" stay whole, "3.5.Because" -> "3.5",
+    "B." -> "B".
 
-    `cut_at_period=True` follows Long-RL's newest r1v.py (since its commit 16f5e31), which keeps
-    the answer up to its first ".", so "B.explanation" -> "B" (docs/REFERENCE.md, "Rule reward
-    (r1v)"). Cutting literally at the first "." would turn "3.5" into "3", scoring it right
-    against ground truth "3" and wrong against "3.5"; so the cut skips a "." followed by a digit:
-    "3.5" and ".5" stay whole, "3.5.Because" -> "3.5", "B." -> "B".
+    `cut_at_period=False` is the July 2025 snapshot of r1v.py: nothing is cut,
+    `<answer> B. explanation </answer>` becomes "B.explanation", which mathruler does not equal
+    to "B" (accuracy 0).
     """
     m = _ANSWER.search(response.replace("\n", "").replace(" ", ""))
     given = m.group(1).strip() if m else response.strip()
@@ -88,7 +88,7 @@ def _grade(given: str, truth: str) -> bool:
     return grade_answer(given, truth)
 
 
-def accuracy_reward(response: str, ground_truth: str, *, cut_at_period: bool = False) -> float:
+def accuracy_reward(response: str, ground_truth: str, *, cut_at_period: bool = True) -> float:
     """1.0 if mathruler's `grade_answer` equates the given answer and the ground truth.
 
     grade_answer compares normalised strings (case-insensitive: "b" equals "B"), then by value
@@ -102,7 +102,7 @@ def accuracy_reward(response: str, ground_truth: str, *, cut_at_period: bool = F
         return 0.0
 
 
-def compute_score(response: str, ground_truth: str, *, cut_at_period: bool = False
+def compute_score(response: str, ground_truth: str, *, cut_at_period: bool = True
                   ) -> dict[str, float]:
     """Long-RL's r1v reward: overall = 0.9·accuracy + 0.1·format."""
     fmt = format_reward(response)
@@ -272,7 +272,7 @@ def normalize_problem_type(problem_type: str | None) -> str:
 
 def score_batch(responses: Sequence[str], ground_truths: Sequence[str],
                 problem_types: Sequence[str | None], *, judge: Judge | None = None,
-                questions: Sequence[str] | None = None, cut_at_period: bool = False
+                questions: Sequence[str] | None = None, cut_at_period: bool = True
                 ) -> list[dict]:
     """One score dict per response, in order.
 
