@@ -234,16 +234,29 @@ CHILD = textwrap.dedent("""
     import os, signal, sys
     import jax
     from flax import nnx
+    from orbax.checkpoint._src.path import atomicity
     from longrl_jax.checkpoint import TrainCheckpointer
 
-    model = nnx.Linear(4096, 4096, rngs=nnx.Rngs(0))  # 64 MB: the write outlives the kill
+    # The fault, injected where it always lands mid-save: step 2's files are written, then the
+    # process is killed before orbax commits them (its atomic rename of the temporary
+    # directory). A timed kill would race the write on a fast machine.
+    commit = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def finalize(self, *args, **kwargs):
+        if self.get_final().name == "2":
+            print("killed before committing 2", sorted(os.listdir(sys.argv[1])), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return await commit(self, *args, **kwargs)
+    atomicity.AtomicRenameTemporaryPath.finalize = finalize
+
+    model = nnx.Linear(256, 256, rngs=nnx.Rngs(0))
     ckpt = TrainCheckpointer(sys.argv[1], async_save=True)
     ckpt.save(1, model=model, extra={"step": 1})
     ckpt.wait()
     model.kernel[...] = model.kernel[...] + 1.0
     ckpt.save(2, model=model, extra={"step": 2})
-    print("saving 2", sorted(os.listdir(sys.argv[1])), flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)
+    ckpt.wait()
+    print("step 2 committed: the fault was not injected", flush=True)
 """)
 
 
@@ -253,17 +266,17 @@ def test_sigkill_during_async_save_resumes_from_last_finished_step(tmp_path):
     proc = subprocess.run([sys.executable, "-c", CHILD, str(directory)], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    assert "saving 2" in proc.stdout
+    assert "killed before committing 2" in proc.stdout
     left = sorted(os.listdir(directory))
     assert "2" not in left and any(n.startswith("2.") for n in left), left
 
-    model = nnx.Linear(4096, 4096, rngs=nnx.Rngs(1))
+    model = nnx.Linear(256, 256, rngs=nnx.Rngs(1))
     with TrainCheckpointer(directory) as ckpt:
         assert ckpt.latest_step() == 1
         assert ckpt.restore(model=model) == {"step": 1}
         np.testing.assert_array_equal(
             np.asarray(model.kernel[...]),
-            np.asarray(nnx.Linear(4096, 4096, rngs=nnx.Rngs(0)).kernel[...]))
+            np.asarray(nnx.Linear(256, 256, rngs=nnx.Rngs(0)).kernel[...]))
         ckpt.save(2, model=model, extra={"step": 2})
         ckpt.wait()
         assert ckpt.latest_step() == 2
