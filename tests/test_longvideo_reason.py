@@ -95,3 +95,64 @@ def test_array_record_and_grain_round_trip(tmp_path):
     halves = [{ex.problem_id for ex in lvr.loader(src, seed=0, shard_index=k, shard_count=2)}
               for k in range(2)]
     assert not halves[0] & halves[1] and halves[0] | halves[1] == ids
+
+
+# ------------------------------------------------------------------ the spellings of a row
+OPTS = ["Brazil", "Argentina", "France", "Spain"]
+
+
+@pytest.mark.parametrize("row,answer,options_line", [
+    # released LongVideo-Reason: "general", options written into the problem, <answer>X</answer>
+    ({"problem": "Who wins?\nA. Brazil\nB. Argentina\nC. France\nD. Spain",
+      "answer": "<answer>B</answer>", "problem_type": "general"}, "B", "A. Brazil"),
+    ({"problem": "Who wins?\nA) Brazil\nB) Argentina\nC) France\nD) Spain", "answer": "B",
+      "problem_type": "multiple choice"}, "B", "A) Brazil"),
+    ({"problem": "Who wins? (A) Brazil (B) Argentina (C) France (D) Spain",
+      "answer": "B. Argentina", "problem_type": "multiple-choice"}, "B", "(A) Brazil"),
+    # Video-R1 / EasyR1: an options list, lettered or not
+    ({"problem": "Who wins?", "options": OPTS, "answer": "B",
+      "problem_type": "multiple choice"}, "B", "A. Brazil"),
+    ({"problem": "Who wins?", "options": [f"{l}. {o}" for l, o in zip("ABCD", OPTS)],
+      "answer": "<answer>B</answer>", "problem_type": "multiple_choice"}, "B", "A. Brazil"),
+    ({"problem": "Who wins?", "options": [f"({l}) {o}" for l, o in zip("ABCD", OPTS)],
+      "answer": "(B)"}, "B", "A. Brazil"),
+    ({"problem": "Who wins?", "options": OPTS, "answer": "Argentina",
+      "problem_type": "MCQ"}, "B", "A. Brazil"),
+])
+def test_every_spelling_of_a_multiple_choice_row(row, answer, options_line):
+    for videos in ("v.mp4", ["v.mp4"]):
+        ex = lvr.parse_row(dict(row, videos=videos), "/tmp", check_videos=False)
+        assert ex.problem_type == "multiple_choice" and ex.answer == answer
+        assert ex.videos == ("/tmp/v.mp4",)
+        for o in OPTS:                       # every option reaches the prompt exactly once
+            assert ex.problem.count(o) == 1, ex.problem
+        assert options_line in ex.problem and "A. A." not in ex.problem
+        assert "A. (A)" not in ex.problem
+        user = ex.messages()[1]["content"]
+        assert lvr.MCQ_SUFFIX in user
+    # the original type string is the category when there is no category field
+    assert ex.category == str(row.get("problem_type", ""))
+
+
+@pytest.mark.parametrize("ptype", ["open-ended", "open_ended", "Open Ended", "general", None])
+def test_open_ended_rows(ptype):
+    row = {"problem": "What colour is the car?", "answer": "<answer>dark red</answer>",
+           "videos": "v.mp4"}
+    if ptype is not None:
+        row["problem_type"] = ptype
+    ex = lvr.parse_row(row, "/tmp", check_videos=False)
+    assert ex.problem_type == "open_ended" and ex.answer == "dark red"
+    assert lvr.MCQ_SUFFIX not in ex.messages()[1]["content"]
+
+
+@pytest.mark.parametrize("row,reason", [
+    ({"problem": "Who wins?\nA. Brazil\nB. Argentina", "answer": "E"}, "names none of the 2"),
+    ({"problem": "Who wins?", "options": OPTS, "answer": "Uruguay"}, "names none of the 4"),
+    ({"problem": "Who wins?", "options": "A. Brazil", "answer": "A"}, "options is not"),
+    ({"problem": "Who wins?", "options": ["Brazil", ""], "answer": "A"}, "options is not"),
+    ({"problem": "Who wins?", "answer": "Argentina", "problem_type": "multiple choice"},
+     "not an option letter"),
+])
+def test_rows_that_cannot_be_understood_are_reported(row, reason):
+    with pytest.raises(lvr.RowError, match=reason):
+        lvr.parse_row(dict(row, videos="v.mp4"), "/tmp", check_videos=False)

@@ -1,10 +1,14 @@
 """LongVideo-Reason data: JSONL rows -> validated examples -> prompts and CoT-SFT targets;
 a TFDS builder that writes array_record files (no TensorFlow), read by grain.
 
-A row: `problem`, `answer` ("B", "<answer>B</answer>", or free text), `videos` (a path or list
-of paths relative to the video dir), optional `reasoning`, `problem_type`, `data_type`,
-`problem_id`, `options` (a list, when the options are not already in the problem text),
-`category`. Every bad row is skipped with its reason in a `Report`; nothing is substituted.
+A row: `problem`, `answer` ("B", "<answer>B</answer>", "B. text", or free text), `videos` (a
+path or list of paths relative to the video dir), optional `reasoning`, `problem_type` (any
+spelling: "multiple choice", "multiple_choice", "general", "open-ended", ...), `data_type`,
+`problem_id`, `options` (a list, lettered or not, when the options are not already in the
+problem text as "A." / "A)" / "(A)"), `category`. Released LongVideo-Reason rows say "general"
+and write the options into the problem: multiple choice is recognised from the options and the
+answer, not from the type string. Every bad row is skipped with its reason in a `Report`;
+nothing is substituted.
 """
 
 from __future__ import annotations
@@ -32,6 +36,60 @@ SYSTEM_NON_THINKING = ("You are given a video. Answer the question about it. Giv
 MCQ_SUFFIX = "For a multiple choice question answer with the option letter only."
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _LETTERS = "ABCDEFGH"
+# An option letter opening a line or following whitespace: "A. x", "A) x", "(A) x", "A: x".
+_OPTION_MARK = r"(?:^|(?<=\s))(?:\(([A-H])\)|([A-H])[.):])(?=\s|$)"
+_LETTERED = re.compile(r"^\s*(?:\(([A-H])\)|([A-H])[.):])\s*(.*)$", re.DOTALL)
+_TYPES = {"multiplechoice": "multiple_choice", "mcq": "multiple_choice",
+          "multichoice": "multiple_choice", "choice": "multiple_choice",
+          "openended": "open_ended", "open": "open_ended", "freeform": "open_ended",
+          "freetext": "open_ended", "openqa": "open_ended", "shortanswer": "open_ended"}
+
+
+def normalise_type(name: object) -> str | None:
+    """"multiple_choice" / "open_ended" for any spelling of either, else None (e.g. "general",
+    which says nothing about the form of the answer)."""
+    if not isinstance(name, str):
+        return None
+    return _TYPES.get(re.sub(r"[\s_\-]+", "", name.lower()))
+
+
+def options_in_text(problem: str) -> list[str]:
+    """The option letters written into the problem, in order, if they run A, B, C... (at least
+    two), else []."""
+    letters = [a or b for a, b in re.findall(_OPTION_MARK, problem, flags=re.MULTILINE)]
+    run = []
+    for x in letters:
+        if x == _LETTERS[len(run)]:
+            run.append(x)
+    return run if len(run) >= 2 else []
+
+
+def _option_texts(options: object) -> list[str]:
+    """An options list as bare texts: a consistently lettered list ("A. x", "(B) y") loses its
+    letters, so that each is lettered once."""
+    if not isinstance(options, list) or not options or \
+            not all(isinstance(o, str) and o.strip() for o in options):
+        raise RowError("options is not a non-empty list of non-empty strings")
+    if len(options) > len(_LETTERS):
+        raise RowError(f"{len(options)} options; at most {len(_LETTERS)} are supported")
+    marks = [_LETTERED.match(o) for o in options]
+    if all(m and (m.group(1) or m.group(2)) == _LETTERS[i] for i, m in enumerate(marks)):
+        return [m.group(3).strip() for m in marks]
+    return [o.strip() for o in options]
+
+
+def answer_letter(answer: str, count: int, texts: list[str] | None = None) -> str | None:
+    """The option letter an answer names: "B", "B. text", "(B)", "B) text", or an option's
+    exact text; None if it names none of the `count` options."""
+    m = re.fullmatch(r"\(?([A-Ha-h])\)?(?:[.):]\s*.*)?", answer.strip(), flags=re.DOTALL)
+    if m and _LETTERS.index(m.group(1).upper()) < count:
+        return m.group(1).upper()
+    if texts:
+        norm = [t.strip().rstrip(".").lower() for t in texts]
+        key = answer.strip().rstrip(".").lower()
+        if key in norm:
+            return _LETTERS[norm.index(key)]
+    return None
 
 
 class RowError(ValueError):
@@ -124,18 +182,25 @@ def parse_row(line: str | dict, video_dir: str, *, check_videos: bool = True,
             if frames <= 0:
                 raise RowError(f"video {p} has no frames")
     problem = row["problem"].strip()
-    options = row.get("options")
-    ptype = row.get("problem_type") or ("multiple_choice" if options or
-                                        re.fullmatch(r"[A-H]", answer) else "open_ended")
-    if ptype == "multiple_choice":
-        if options and not re.search(r"(^|\n)\s*A[.)]", problem):
-            if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
-                raise RowError("options is not a list of strings")
-            problem += "\nOptions:\n" + "\n".join(f"{_LETTERS[i]}. {o}"
-                                                  for i, o in enumerate(options))
-        if not re.fullmatch(r"[A-H]", answer.split(".")[0].strip()):
+    declared = normalise_type(row.get("problem_type"))
+    in_text = options_in_text(problem)
+    texts = None
+    if row.get("options") is not None and not in_text:
+        texts = _option_texts(row["options"])
+        problem += "\nOptions:\n" + "\n".join(f"{_LETTERS[i]}. {t}" for i, t in enumerate(texts))
+    count = len(in_text) if in_text else len(texts or [])
+    letter = answer_letter(answer, count, texts) if count else None
+    if count and declared != "open_ended":
+        if letter is None:
+            raise RowError(f"multiple-choice answer {answer!r} names none of the {count} options")
+        ptype, answer = "multiple_choice", letter
+    elif declared == "multiple_choice" or (declared is None and re.fullmatch(r"[A-H]", answer)):
+        bare = answer_letter(answer, len(_LETTERS))
+        if bare is None:
             raise RowError(f"multiple-choice answer {answer!r} is not an option letter")
-        answer = answer.split(".")[0].strip()
+        ptype, answer = "multiple_choice", bare   # options named elsewhere (e.g. a list field)
+    else:
+        ptype = "open_ended"
     reasoning = row.get("reasoning") or ""
     if not isinstance(reasoning, str):
         raise RowError("reasoning is not a string")
@@ -249,5 +314,6 @@ def examples(path: str, video_dir: str, **kw) -> Iterable[Example]:
     return (ex for _, ex in read_jsonl(path, video_dir, **kw))
 
 
-__all__ = ["Example", "Report", "RowError", "build_array_records", "data_source", "decode",
-           "examples", "loader", "parse_row", "read_jsonl", "strip_answer"]
+__all__ = ["Example", "Report", "RowError", "answer_letter", "build_array_records",
+           "data_source", "decode", "examples", "loader", "normalise_type", "options_in_text",
+           "parse_row", "read_jsonl", "strip_answer"]
