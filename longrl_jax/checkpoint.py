@@ -125,12 +125,42 @@ class TrainCheckpointer:
 
     def restore(self, step: int | None = None, *, model: nnx.Module,
                 optimizer: nnx.Optimizer | None = None) -> dict:
-        """Loads `step` (default: the latest) into `model` / `optimizer`; returns the extra dict."""
+        """Loads `step` (default: the newest that reads back whole) into `model` / `optimizer`;
+        returns the extra dict.
+
+        Without `step`, a newest step that cannot be read (truncated or corrupt files) is moved
+        aside to `<step>.corrupt` with a warning naming it, and the previous kept step is tried;
+        nothing is loaded until a step reads back whole, and if none does the last error is
+        raised (a run never silently starts over)."""
         self.wait()
-        if step is None:
-            step = self.latest_step()
-            if step is None:
-                raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        if step is not None:
+            return self._restore(step, model, optimizer)
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        for k, candidate in enumerate(steps):
+            try:
+                return self._restore(candidate, model, optimizer)
+            except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise many kinds
+                if k == len(steps) - 1:
+                    raise
+                aside = self._move_aside(candidate)
+                log.warning("checkpoint step %d in %s cannot be read (%s: %s); moved to %s, "
+                            "trying step %d", candidate, self.directory, type(e).__name__,
+                            str(e).splitlines()[0][:200] if str(e) else "", aside,
+                            steps[k + 1])
+        raise AssertionError("unreachable")
+
+    def _move_aside(self, step: int) -> str:
+        dest, n = os.path.join(self.directory, f"{step}.corrupt"), 1
+        while os.path.exists(dest):
+            n += 1
+            dest = os.path.join(self.directory, f"{step}.corrupt{n}")
+        os.rename(os.path.join(self.directory, str(step)), dest)
+        self._manager.reload()
+        return dest
+
+    def _restore(self, step: int, model, optimizer) -> dict:
         items = {_PARAMS: ocp.args.StandardRestore(_target(_params(model))),
                  _EXTRA: ocp.args.JsonRestore()}
         if optimizer is not None:
