@@ -73,6 +73,11 @@ _PARAMS, _OPT, _EXTRA = "params", "opt_state", "extra"
 _BYTES = "__bytes_b64__"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (full disk, I/O error); the message names the step,
+    the cause and the newest step left intact."""
+
+
 class TrainCheckpointer:
     """Numbered checkpoints of (params, optimizer state, JSON extra), on orbax CheckpointManager.
 
@@ -114,7 +119,10 @@ class TrainCheckpointer:
         items = {_PARAMS: ocp.args.StandardSave(_params(model)), _EXTRA: ocp.args.JsonSave(extra)}
         if optimizer is not None:
             items[_OPT] = ocp.args.StandardSave(_opt_state(optimizer))
-        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        try:
+            return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as e:  # noqa: BLE001 -- this one's or the previous async save's failure
+            raise self._failed(e, step) from e
 
     def latest_step(self) -> int | None:
         """The newest step (one this manager is still writing counts; `wait()` finishes it)."""
@@ -172,8 +180,20 @@ class TrainCheckpointer:
         return _decode(restored[_EXTRA])
 
     def wait(self) -> None:
-        """Blocks until a background save is finalised (and raises its error, if any)."""
-        self._manager.wait_until_finished()
+        """Blocks until a background save is finalised (and raises its error, if any, as a
+        `CheckpointError`)."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._failed(e) from e
+
+    def _failed(self, error: Exception, step: int | None = None) -> CheckpointError:
+        done = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+        what = f"step {step}" if step is not None else "a checkpoint"
+        return CheckpointError(
+            f"saving {what} to {self.directory} failed ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:300] if str(error) else ''}); the newest complete "
+            f"step, {done[-1] if done else 'none'}, is intact")
 
     def close(self) -> None:
         self._manager.close()

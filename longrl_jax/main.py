@@ -220,7 +220,11 @@ def run(config, workdir: str) -> dict:
 
 def main(argv):
     del argv
-    out = run(_CONFIG.value, _WORKDIR.value)
+    from longrl_jax.checkpoint import CheckpointError
+    try:
+        out = run(_CONFIG.value, _WORKDIR.value)
+    except CheckpointError as e:   # a full disk or I/O error: one clear line, a non-zero exit
+        raise SystemExit(f"longrl_jax.main: {e}") from None
     brief = {k: {m: round(v[m], 3) for m in ("accuracy", "format") if m in v}
              for k, v in out.items() if isinstance(v, dict) and "accuracy" in v}
     print(f"eval summary: {json.dumps(brief)}  ({_WORKDIR.value}/eval_summary.json)")

@@ -335,3 +335,43 @@ def test_when_no_step_reads_back_the_error_is_raised(tmp_path):
             pytest.raises(Exception, match="error while reading"):  # noqa: B017
         ckpt.restore(model=model)
     np.testing.assert_array_equal(np.asarray(model.kernel[...]), before)   # nothing loaded
+
+
+# ------------------------------------------------------------------------------------------------
+# A save into a full disk.
+
+FULL_DISK_CHILD = textwrap.dedent("""
+    import resource, signal, sys
+    from flax import nnx
+    from longrl_jax.checkpoint import CheckpointError, TrainCheckpointer
+
+    ckpt = TrainCheckpointer(sys.argv[1], async_save=True)
+    ckpt.save(1, model=nnx.Linear(256, 256, rngs=nnx.Rngs(1)), extra={"step": 1})
+    ckpt.wait()
+    # From here no file may grow past 4 KB: the write fails as on a full filesystem (EFBIG
+    # rather than ENOSPC; the signal the kernel also sends is ignored, as a trainer would).
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    try:
+        ckpt.save(2, model=nnx.Linear(256, 256, rngs=nnx.Rngs(2)), extra={"step": 2})
+        ckpt.wait()
+    except CheckpointError as e:
+        print("CheckpointError:", e, flush=True)
+        sys.exit(3)
+    print("saved step 2: the disk was not full", flush=True)
+""")
+
+
+def test_a_save_into_a_full_disk_stops_cleanly_and_keeps_the_previous_step(tmp_path):
+    directory = tmp_path / "ckpt"
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK_CHILD, str(directory)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-3000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert "saving" in line and str(directory) in line and "step, 1, is intact" in line, line
+    model = nnx.Linear(256, 256, rngs=nnx.Rngs(9))
+    with TrainCheckpointer(str(directory)) as ckpt:
+        assert ckpt.restore(model=model) == {"step": 1}
+    np.testing.assert_array_equal(np.asarray(model.kernel[...]),
+                                  np.asarray(nnx.Linear(256, 256, rngs=nnx.Rngs(1)).kernel[...]))
