@@ -12,9 +12,11 @@ The terminal shows progress bars and a few lines per stage; everything libraries
 
 from __future__ import annotations
 
+import glob
 import json
 import logging as pylogging
 import os
+import shutil
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -36,10 +38,29 @@ class Progress:
 
     def mark(self, name: str, value=True) -> None:
         self.state[name] = value
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.state, f, indent=1)
-        os.replace(tmp, self.path)
+        write_json(self.path, self.state)
+
+
+def write_json(path: str, obj) -> None:
+    """`obj` as JSON at `path`, atomically: readers see the old file or the whole new one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def write_dir(path: str, fill) -> None:
+    """`fill(tmp_dir)` writes a directory that then replaces `path`: a run killed while writing
+    leaves the previous `path` (or none), never a half-written one; the next call sweeps what
+    it left beside it."""
+    for stale in glob.glob(glob.escape(path) + ".tmp*") + glob.glob(glob.escape(path) + ".old*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp, old = f"{path}.tmp{os.getpid()}", f"{path}.old{os.getpid()}"
+    fill(tmp)
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ================================================================================================
@@ -194,12 +215,12 @@ def finish(ctx, summary: dict) -> dict:
     from longrl_jax.models import hf
     out = {k: {kk: vv for kk, vv in v.items() if kk != "samples"} for k, v in summary.items()}
     out["skipped_videos"] = ctx.skipped_videos()
-    with open(ctx.path("eval_summary.json"), "w") as f:
-        json.dump(out, f, indent=1)
+    write_json(ctx.path("eval_summary.json"), out)
     if os.path.exists(ctx.writer.path):
         plot_run(ctx.writer.path, ctx.path("plot.png"))
     if "export" in ctx.config.stages:
-        hf.save_pretrained(ctx.model, ctx.path("export"), tokenizer_dir=ctx.tokenizer_dir)
+        write_dir(ctx.path("export"), lambda d: hf.save_pretrained(
+            ctx.model, d, tokenizer_dir=ctx.tokenizer_dir))
         say(f"[export] {ctx.path('export')}")
     ctx.writer.close()
     return out

@@ -375,3 +375,28 @@ def test_a_save_into_a_full_disk_stops_cleanly_and_keeps_the_previous_step(tmp_p
         assert ckpt.restore(model=model) == {"step": 1}
     np.testing.assert_array_equal(np.asarray(model.kernel[...]),
                                   np.asarray(nnx.Linear(256, 256, rngs=nnx.Rngs(1)).kernel[...]))
+
+
+def test_run_outputs_are_replaced_whole(tmp_path):
+    """eval_summary.json and the export directory are written beside and renamed in: a reader
+    (or a kill) sees the old version or the new one, never half of one."""
+    from longrl_jax.main import write_dir, write_json
+    path = str(tmp_path / "eval_summary.json")
+    write_json(path, {"a": 1})
+    write_json(path, {"a": 2})
+    assert json.load(open(path)) == {"a": 2} and os.listdir(tmp_path) == ["eval_summary.json"]
+
+    export = str(tmp_path / "export")
+
+    def fill(version):
+        def write(d):
+            os.makedirs(d)
+            open(os.path.join(d, "config.json"), "w").write(str(version))
+        return write
+    write_dir(export, fill(1))
+    with pytest.raises(RuntimeError):
+        write_dir(export, lambda d: (fill(2)(d), (_ for _ in ()).throw(RuntimeError("killed"))))
+    assert open(os.path.join(export, "config.json")).read() == "1"   # the old one, whole
+    write_dir(export, fill(3))
+    assert open(os.path.join(export, "config.json")).read() == "3"
+    assert sorted(os.listdir(tmp_path)) == ["eval_summary.json", "export"]   # swept
