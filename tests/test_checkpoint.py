@@ -260,11 +260,16 @@ CHILD = textwrap.dedent("""
 """)
 
 
+def _run_child(script: str, directory) -> subprocess.CompletedProcess:
+    """`script` in a fresh CPU process, with the checkpoint directory as its argument."""
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.run([sys.executable, "-c", script, str(directory)], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
 def test_sigkill_during_async_save_resumes_from_last_finished_step(tmp_path):
     directory = tmp_path / "ckpt"
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(directory)], env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = _run_child(CHILD, directory)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert "killed before committing 2" in proc.stdout
     left = sorted(os.listdir(directory))
@@ -364,9 +369,7 @@ FULL_DISK_CHILD = textwrap.dedent("""
 
 def test_a_save_into_a_full_disk_stops_cleanly_and_keeps_the_previous_step(tmp_path):
     directory = tmp_path / "ckpt"
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    proc = subprocess.run([sys.executable, "-c", FULL_DISK_CHILD, str(directory)], env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = _run_child(FULL_DISK_CHILD, directory)
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-3000:]
     line = proc.stdout.strip().splitlines()[-1]
     assert "saving" in line and str(directory) in line and "step, 1, is intact" in line, line
