@@ -1,5 +1,7 @@
 """Frame sampling returns exactly the intended frames: each generated frame encodes its own
-index in a 4x4 grid of black/white cells, decoded back from every sampled frame."""
+index in a 4x4 grid of black/white cells, decoded back from every sampled frame, on the host PIL
+path and on the device path (uint8 at native size, Pillow's resize and SigLIP's normalisation in
+jnp inside stage 1), which must equal the host path bit for bit."""
 
 import os
 
