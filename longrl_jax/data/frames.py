@@ -1,7 +1,9 @@
 """Video frames for the vision tower: decord decoding, uniform or fps sampling, resize, normalise.
 
-Decoding is batched (`get_batch` on `batch_frames` indices at a time) so a long video is never
-held whole in memory, and `FramePrefetcher` runs it in background threads ahead of use. Every
+Decoding is batched (`get_batch` on `batch_frames` indices at a time) and `FramePrefetcher` runs
+it in background threads ahead of use. `decode_frames` is what training uses: uint8 frames at
+their native size, resized and normalised later on the device (4x fewer bytes than float32 for
+frames no larger than the model's); `load_frames` is the host PIL pipeline, the reference. Every
 failure (missing, empty, unreadable or truncated file) raises `VideoError` with the reason; the
 data layer reports and skips, never substitutes another video.
 """
@@ -103,18 +105,19 @@ def video_info(path: str) -> tuple[int, float]:
         raise VideoError(f"unreadable video {path}: {str(e).splitlines()[0][:200]}") from None
 
 
-def load_frames(path: str, sampling: Sampling, *, batch_frames: int = 32,
-                normalized: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(frames [N, size, size, 3], indices [N]). Float32 in [-1, 1] when `normalized`, else
-    uint8. Decodes `batch_frames` frames per `get_batch` call."""
+def decode_frames(path: str, sampling: Sampling, *,
+                  batch_frames: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 frames [N, H, W, 3] at the video's own size, indices [N]): the fast loader. The
+    resize and normalisation are left to the stage-1 computation on the device
+    (`models.siglip.FramePreprocess`), so the host only decodes, `batch_frames` frames per
+    `get_batch` call, into one preallocated array."""
     vr = _open(path)
     try:
         total, fps = len(vr), float(vr.get_avg_fps())
     except Exception as e:
         raise VideoError(f"unreadable video {path}: {e}") from None
     idx = sample_indices(total, fps, sampling)
-    out = np.empty((len(idx), sampling.size, sampling.size, 3),
-                   np.float32 if normalized else np.uint8)
+    out = None
     for start in range(0, len(idx), batch_frames):
         part = idx[start:start + batch_frames]
         try:
@@ -125,8 +128,22 @@ def load_frames(path: str, sampling: Sampling, *, batch_frames: int = 32,
         if frames.shape[0] != len(part):
             raise VideoError(f"truncated video {path}: got {frames.shape[0]} of {len(part)} "
                              "frames")
-        frames = resize(frames, sampling.size)
-        out[start:start + len(part)] = normalize(frames) if normalized else frames
+        if out is None:
+            out = np.empty((len(idx),) + frames.shape[1:], np.uint8)
+        out[start:start + len(part)] = frames
+    return out, idx
+
+
+def load_frames(path: str, sampling: Sampling, *, batch_frames: int = 32,
+                normalized: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(frames [N, size, size, 3], indices [N]) resized on the host with PIL (the reference the
+    device path equals). Float32 in [-1, 1] when `normalized`, else uint8."""
+    frames, idx = decode_frames(path, sampling, batch_frames=batch_frames)
+    out = np.empty((len(idx), sampling.size, sampling.size, 3),
+                   np.float32 if normalized else np.uint8)
+    for start in range(0, len(idx), batch_frames):
+        part = resize(frames[start:start + batch_frames], sampling.size)
+        out[start:start + len(part)] = normalize(part) if normalized else part
     return out, idx
 
 
@@ -152,11 +169,14 @@ def _unpad_rows(frame: np.ndarray) -> np.ndarray:
 class FramePrefetcher:
     """Decodes upcoming videos in background threads (decord releases the GIL while decoding),
     keeping at most `depth` results in flight, in input order. Each item yields
-    (item, frames, indices) or (item, VideoError, None)."""
+    (item, frames, indices) or (item, VideoError, None); frames as `load_frames` gives them, or
+    with `native` as `decode_frames` does."""
 
     def __init__(self, items: Iterable, path_of: Callable[[object], str], sampling: Sampling,
-                 *, workers: int = 2, depth: int = 4, batch_frames: int = 32):
+                 *, workers: int = 2, depth: int = 4, batch_frames: int = 32,
+                 native: bool = False):
         self._items = iter(items)
+        self._native = native
         self._path_of = path_of
         self._sampling = sampling
         self._depth = depth
@@ -166,8 +186,8 @@ class FramePrefetcher:
 
     def _load(self, item):
         try:
-            frames, idx = load_frames(self._path_of(item), self._sampling,
-                                      batch_frames=self._batch)
+            load = decode_frames if self._native else load_frames
+            frames, idx = load(self._path_of(item), self._sampling, batch_frames=self._batch)
             return item, frames, idx
         except VideoError as e:
             return item, e, None

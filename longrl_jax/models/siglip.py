@@ -4,15 +4,20 @@ post-layernorm, and the optional attention-pooling head.
 Frames come channels-last, `[F, H, W, C]` (torch's channels-first `[F, C, H, W]` pixel_values
 are accepted too), already normalised (mean/std 0.5). The patch
 "convolution" is a reshape plus one einsum: the stride equals the kernel, so they are the same op.
+`FramePreprocess` is SigLIP's image processor as a jnp function, so uint8 frames at their native
+size can cross to the device and be resized and normalised inside the stage-1 computation.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from longrl_jax.models.config import VisionConfig
+from longrl_jax.models.image_resize import resize_bicubic
 from longrl_jax.models.layers import (
     Einsum,
     LayerNorm,
@@ -21,6 +26,26 @@ from longrl_jax.models.layers import (
     param,
     zeros,
 )
+
+MEAN = 0.5
+STD = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class FramePreprocess:
+    """SigLIP's processor (as LongVILA uses it): bicubic resize to `size` x `size` (Pillow's,
+    bit for bit), rescale by 1/255, normalise with mean/std 0.5. uint8 [F, H, W, 3] at any size
+    -> float32 [F, size, size, 3]; the same values as `data.frames.load_frames`. A frozen
+    dataclass so that compiled encoders can be cached by it (another family brings its own)."""
+
+    size: int
+
+    def __call__(self, frames_fhwc: jax.Array) -> jax.Array:
+        if frames_fhwc.dtype != jnp.uint8 or frames_fhwc.ndim != 4 or frames_fhwc.shape[-1] != 3:
+            raise ValueError(f"expected uint8 frames [F, H, W, 3], got {frames_fhwc.dtype} "
+                             f"{frames_fhwc.shape}")
+        x = resize_bicubic(frames_fhwc, self.size, self.size)
+        return (x.astype(jnp.float32) / 255.0 - MEAN) / STD
 
 
 class SiglipEmbeddings(nnx.Module):
