@@ -36,7 +36,12 @@ def split_response(text: str) -> tuple[str, str]:
     think = _THINK.search(text)
     ans = _ANSWER.search(text)
     reasoning = think.group(1).strip() if think else ""
-    answer = ans.group(1).strip() if ans else text.rsplit("</think>", 1)[-1].strip()
+    if ans:
+        answer = ans.group(1).strip()
+    elif "</think>" in text:
+        answer = text.rsplit("</think>", 1)[-1].strip()
+    else:                          # reasoning cut short, or no tags: all of it is the answer
+        answer = "" if think else text.strip()
     return reasoning, answer
 
 

@@ -174,3 +174,26 @@ def _write(path, text):
     with open(path, "w") as f:
         f.write(text)
     return str(path)
+
+
+# ------------------------------------------------------------------------------- ask
+
+def test_response_split_into_reasoning_and_answer():
+    from longrl_jax.answerer import split_response
+    assert split_response("<think> a then b </think>\n<answer> B </answer>") == ("a then b", "B")
+    assert split_response("<think>cut short") == ("cut short", "")
+    assert split_response("no tags at all") == ("", "no tags at all")
+    assert split_response("<think>x</think> C") == ("x", "C")
+
+
+def test_a_question_becomes_an_example_like_a_row(tmp_path):
+    from longrl_jax.answerer import question_example
+    video = str(tmp_path / "v.mp4")
+    write_video(video, np.zeros((8, 32, 32, 3), np.uint8), fps=8)
+    ex = question_example(video, "Which came first?", ["A. red", "B. blue"])
+    assert ex.problem_type == "multiple_choice" and ex.answer == ""
+    assert ex.problem.count("A. red") == 1 and ex.problem.count("B. blue") == 1
+    assert ex.videos == (os.path.realpath(video),)
+    assert question_example(video, "What moves?").problem_type == "open_ended"
+    with pytest.raises(ValueError, match="v_missing.mp4"):
+        question_example(str(tmp_path / "v_missing.mp4"), "What moves?")

@@ -46,7 +46,7 @@ def policy(tmp_path_factory):
     from longrl_jax.prompts import Tokens
     root = tmp_path_factory.mktemp("webdemo")
     data = str(root / "data")
-    synthetic.generate(data, num_train=2, num_eval=2, num_frames=16, size=32, tokenizer=True)
+    synthetic.generate(data, num_train=2, num_eval=2, num_frames=48, size=32, tokenizer=True)
     tokens = Tokens.of(AutoTokenizer.from_pretrained(f"{data}/tokenizer"))
     cfg = ModelConfig.tiny(vocab_size=640).replace(video_token_id=tokens.video,
                                                    separator_token_id=tokens.separator)

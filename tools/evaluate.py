@@ -257,7 +257,9 @@ def main(argv):
     questions, file_report = read_questions(BENCHMARK.value, DATA.value, VIDEO_DIR.value)
     if LIMIT.value:
         questions = questions[:LIMIT.value]
-    responses = Responses(stem + ".responses.jsonl", info)
+    # what decides the answers: a resume must match it (--limit and --batch do not)
+    header = {k: v for k, v in info.items() if k not in ("limit", "batch")}
+    responses = Responses(stem + ".responses.jsonl", header)
     for q in questions:
         r = responses.records.get(q.index)
         if r is not None and r["problem_id"] != q.example.problem_id:
