@@ -197,3 +197,21 @@ def test_a_question_becomes_an_example_like_a_row(tmp_path):
     assert question_example(video, "What moves?").problem_type == "open_ended"
     with pytest.raises(ValueError, match="v_missing.mp4"):
         question_example(str(tmp_path / "v_missing.mp4"), "What moves?")
+
+
+def test_a_loaded_checkpoint_encodes_videos(tmp_path):
+    """`hf.load_pretrained` models go through MR-SP stage 1 (the tools load checkpoints so);
+    the loader's record of its source directories once made the graphdef unhashable."""
+    from flax import nnx
+
+    from longrl_jax.models import VLM, ModelConfig, hf
+    from longrl_jax.parallel import mesh as mesh_lib
+    from longrl_jax.parallel.video_encoding import encode_video_sharded
+    model = VLM(ModelConfig.tiny(), rngs=nnx.Rngs(0))
+    hf.save_pretrained(model, str(tmp_path / "ckpt"))
+    mesh = mesh_lib.make_mesh({"data": 1, "fsdp": -1, "sequence": 1, "tensor": 1})
+    loaded = hf.load_pretrained(str(tmp_path / "ckpt"), mesh=mesh, rules=mesh_lib.DEFAULT_RULES)
+    frames = np.random.default_rng(0).uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32)
+    got = encode_video_sharded(loaded, frames, mesh=mesh, frames_per_chunk=4)
+    want = encode_video_sharded(model, frames, mesh=mesh, frames_per_chunk=4)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
