@@ -294,7 +294,10 @@ def main(argv):
                         ex, os.path.join(SUBTITLES.value, q.extra["video_id"] + ".srt"),
                         sampling)
                 key, rows = embedder(ex.videos[0])
-            except VideoError as e:
+            except FileNotFoundError:               # the rows were read without opening videos
+                file_report.skip(q.index, f"video {ex.videos[0]} not found")
+                continue
+            except (VideoError, OSError) as e:
                 file_report.skip(q.index, str(e))
                 continue
             prompts[q.index] = make_prompt(tokenizer, tokens, ex, rows, key,
