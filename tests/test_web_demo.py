@@ -38,6 +38,7 @@ def _env():
 def policy(tmp_path_factory):
     """(checkpoint dir, video dir): a tiny VLM in the HF layout with the suite's tokenizer, and
     synthetic mp4s."""
+    import jax
     from flax import nnx
     from transformers import AutoTokenizer
 
@@ -50,8 +51,11 @@ def policy(tmp_path_factory):
     tokens = Tokens.of(AutoTokenizer.from_pretrained(f"{data}/tokenizer"))
     cfg = ModelConfig.tiny(vocab_size=640).replace(video_token_id=tokens.video,
                                                    separator_token_id=tokens.separator)
+    model = VLM(cfg, rngs=nnx.Rngs(0))
+    # weights far from init: greedy decoding then writes text, not an immediate stop token
+    nnx.update(model, jax.tree.map(lambda x: 5 * x, nnx.state(model, nnx.Param)))
     ckpt = str(root / "ckpt")
-    hf.save_pretrained(VLM(cfg, rngs=nnx.Rngs(0)), ckpt, tokenizer_dir=f"{data}/tokenizer")
+    hf.save_pretrained(model, ckpt, tokenizer_dir=f"{data}/tokenizer")
     return ckpt, f"{data}/videos"
 
 
@@ -96,7 +100,7 @@ def test_ask_in_a_headless_browser(policy, server, tmp_path):
                             stdout=log, stderr=subprocess.STDOUT)
     options = webdriver.ChromeOptions()
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1400,1000"):
+                "--window-size=1400,1100"):
         options.add_argument(arg)
     options.binary_location = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = None
@@ -114,6 +118,7 @@ def test_ask_in_a_headless_browser(policy, server, tmp_path):
         reasoning = driver.find_element(By.CSS_SELECTOR,
                                         "#reasoning textarea").get_attribute("value")
         shown = driver.find_elements(By.CSS_SELECTOR, "#frames img")
+        driver.execute_script("window.scrollTo(0, 0)")
         driver.save_screenshot(str(tmp_path / "web_demo.png"))
     finally:
         if driver is not None:
@@ -133,6 +138,7 @@ def test_ask_in_a_headless_browser(policy, server, tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
+    assert answer.strip()
     assert f"Answer: {answer}\n" in out + "\n"
     assert f"Reasoning: {reasoning or '(none)'}" in out
     assert "A. red circle\nB. blue square" in out

@@ -69,7 +69,7 @@ def build_page(qa, videos: list[str]):
                                    value=videos[0] if videos else None, label="Example videos",
                                    elem_id="pick")
                 video = gr.Video(value=videos[0] if videos else None, label="Video",
-                                 sources=["upload"], elem_id="video")
+                                 sources=["upload"], height=260, elem_id="video")
                 question = gr.Textbox(label="Question", lines=2, elem_id="question")
                 options = gr.Textbox(label="Options (one per line; empty: open-ended)", lines=4,
                                      elem_id="options")
