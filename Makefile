@@ -8,7 +8,7 @@ EXTRAS ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo engine-cud
 export XLA_PYTHON_CLIENT_PREALLOCATE ?= false
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: install lint test test-all demo clean
+.PHONY: install browser lint test test-all demo clean
 
 install: $(STAMP)
 
@@ -22,13 +22,22 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)
 
+# tests/test_web_demo.py drives the web demo in headless Chromium: the Debian packages chromium
+# and chromium-driver, installed here when make runs as root; otherwise that one test is skipped.
+browser:
+	@command -v chromedriver >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; \
+	  else echo "make: no chromedriver and not root: tests/test_web_demo.py will be skipped" \
+	    "(apt-get install chromium chromium-driver)"; fi; }
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	$(PY) -m pytest -q -m "not gpu"
 
 demo: $(STAMP)

@@ -126,10 +126,13 @@ def rollout_config(max_model_len: int = 4096, dtype: str = "bfloat16", **kw):
     return c
 
 
-def eval_config(num_examples: int = 0, max_tokens: int = 2048, temperature: float = 0.0):
-    """Held-out evaluation; temperature 0 is greedy (Long-RL validates at 0.5, n = 1)."""
+def eval_config(num_examples: int = 0, max_tokens: int = 2048, temperature: float = 0.0,
+                n: int = 1, num_frames: int = 0):
+    """Held-out evaluation; temperature 0 is greedy (Long-RL validates at 0.5, n = 1); `n`
+    samples per question (accuracy is their mean); `num_frames` > 0 evaluates at that many
+    frames per video instead of `data`'s sampling (longrl_jax/evaluate.py)."""
     return ml_collections.ConfigDict(dict(num_examples=num_examples, max_tokens=max_tokens,
-                                          temperature=temperature))
+                                          temperature=temperature, n=n, num_frames=num_frames))
 
 
 def judge_config():

@@ -30,23 +30,10 @@ TOKENIZER_DIR = flags.DEFINE_string("tokenizer_dir", None,
 
 
 def from_workdir(workdir: str):
-    """(model, tokenizer_dir) of the newest trained policy in a run directory."""
-    params = lambda stage: os.path.join(workdir, "params", stage)  # noqa: E731
-    tok = os.path.join(workdir, "tokenizer")
-    tok = tok if os.path.isdir(tok) else None
-    if checkpoint.is_params_dir(params("rl")):
-        return checkpoint.load_params(params("rl")), tok
-    base = next((params(s) for s in ("sft", "initial") if checkpoint.is_params_dir(params(s))),
-                None)
-    rl_dir = os.path.join(workdir, "checkpoints", "rl")
-    if base is None:
-        raise ValueError(f"{workdir}: no trained params (params/rl or params/sft)")
-    model = checkpoint.load_params(base)
-    if os.path.isdir(rl_dir):
-        with checkpoint.TrainCheckpointer(rl_dir) as ckpt:
-            if ckpt.latest_step() is not None:
-                ckpt.restore(model=model)
-    return model, tok
+    """(model, tokenizer_dir) of the newest trained policy in a run directory (the one
+    `tools/evaluate.py --workdir` evaluates)."""
+    from longrl_jax.evaluate import load_policy
+    return load_policy(workdir=workdir)
 
 
 def main(argv):

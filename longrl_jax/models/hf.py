@@ -361,7 +361,8 @@ def load_pretrained(path: str, *, param_dtype=jnp.float32, dtype=None, mesh=None
     flat = {k: v.replace(value=place(host[k], v)) for k, v in flat.items()}
     model = nnx.merge(graphdef, nnx.from_flat_state(
         {tuple(int(p) if p.isdigit() else p for p in k.split(".")): v for k, v in flat.items()}))
-    model.source_dirs = dict(dirs)
+    # pairs, not a dict: the model's graphdef keys jitted functions and must stay hashable
+    model.source_dirs = tuple(sorted(dirs.items()))
     return model
 
 
@@ -465,7 +466,7 @@ def save_pretrained(model: VLM, path: str, *, dtype=None, tokenizer_dir: str | N
         }
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(top, f, indent=2, sort_keys=True)
-    src = tokenizer_dir or getattr(model, "source_dirs", {}).get("llm")
+    src = tokenizer_dir or dict(getattr(model, "source_dirs", ())).get("llm")
     if src and os.path.abspath(src) != os.path.abspath(llm_dir):
         for name in TOKENIZER_FILES:
             if os.path.exists(os.path.join(src, name)):

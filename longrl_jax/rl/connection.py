@@ -62,6 +62,7 @@ class RolloutConnection:
         self._model = model
         if r.address:
             self.server = RemoteRolloutServer(r.address, token=r.token or None).start()
+            self.client.read_weight_version()   # a running server may serve a later version
             self.sync(model)
             return
         serve_dir = os.path.join(self.workdir, "serve")
