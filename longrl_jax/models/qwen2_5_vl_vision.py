@@ -76,8 +76,10 @@ def patchify(frames_fhwc, cfg: Qwen25VisionConfig) -> tuple[np.ndarray, tuple[in
 
     An odd frame count repeats the last frame, as transformers' processor pads a video to whole
     temporal patches. H and W must be multiples of patch x merge (28 px): resizing belongs to the
-    frame preprocessing, not here."""
-    x = np.asarray(frames_fhwc)
+    frame preprocessing, not here. NumPy in, NumPy out; a JAX array (or a tracer, under jit)
+    stays one."""
+    xp = jnp if isinstance(frames_fhwc, jax.Array) else np
+    x = xp.asarray(frames_fhwc)
     if x.ndim != 4 or x.shape[-1] != cfg.num_channels:
         raise ValueError(f"frames must be [F, H, W, {cfg.num_channels}], got {x.shape}")
     f, hp, wp, c = x.shape
@@ -85,7 +87,7 @@ def patchify(frames_fhwc, cfg: Qwen25VisionConfig) -> tuple[np.ndarray, tuple[in
     if hp % (p * m) or wp % (p * m):
         raise ValueError(f"frames of {hp} x {wp} px are not multiples of {p * m} px")
     if f % tps:
-        x = np.concatenate([x, np.repeat(x[-1:], tps - f % tps, axis=0)], axis=0)
+        x = xp.concatenate([x, xp.repeat(x[-1:], tps - f % tps, axis=0)], axis=0)
     tp, h, w = x.shape[0] // tps, hp // p, wp // p
     x = x.reshape(tp, tps, h // m, m, p, w // m, m, p, c)
     #             0   1    2      3  4  5      6  7  8
