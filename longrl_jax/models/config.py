@@ -299,7 +299,7 @@ class Qwen25VisionConfig:
 
     def to_hf(self) -> dict[str, Any]:
         return {
-            "model_type": "qwen2_5_vl", "depth": self.num_layers,
+            "model_type": "qwen2_5_vl_vision", "depth": self.num_layers,
             "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
             "num_heads": self.num_heads, "out_hidden_size": self.out_hidden_size,
             "patch_size": self.patch_size, "temporal_patch_size": self.temporal_patch_size,
@@ -307,6 +307,7 @@ class Qwen25VisionConfig:
             "fullatt_block_indexes": list(self.fullatt_block_indexes),
             "tokens_per_second": self.tokens_per_second, "in_channels": self.num_channels,
             "hidden_act": self.hidden_act, "initializer_range": 0.02,
+            "rope_parameters": {"rope_type": "axial", "rope_theta": 10000.0},
         }
 
 
