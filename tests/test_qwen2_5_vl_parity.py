@@ -55,18 +55,18 @@ def test_vision_tower_matches(pair):
 
 
 def test_encode_video_from_frames_matches_patches(pair):
-    """`encode_video` on frames equals the tower on the same frames cut as transformers'
-    processor flattens them (channel, frame, row, column per patch; 2x2-merge order)."""
+    """`encode_video` on frames equals the tower on the same frames cut by transformers' own
+    video processor (`Qwen2VLVideoProcessor.patchify`: an odd frame count repeats the last)."""
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
     _, model = pair
-    rs = np.random.RandomState(4)
-    frames = rs.randn(5, 56, 84, 3).astype(np.float32)       # odd: the last frame repeats
+    frames = np.random.RandomState(4).randn(5, 56, 84, 3).astype(np.float32)
     ours = np.asarray(model.encode_video(frames))
     assert ours.shape == (3, 2 * 3, model.cfg.llm.hidden_size)
-    padded = np.concatenate([frames, frames[-1:]])            # [6, 56, 84, 3]
-    # transformers' Qwen2-VL processor: [T, C, H, W] -> patches in (t, h/2, w/2, 2, 2) order.
-    x = padded.transpose(0, 3, 1, 2).reshape(3, 2, 3, 2, 2, 14, 3, 2, 14)
-    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(3 * 4 * 6, 3 * 2 * 14 * 14)
-    ref = np.asarray(qwen2_5_vl.video_rows(model.vision_tower, x, [[3, 4, 6]]))
+    video = torch.tensor(frames.transpose(0, 3, 1, 2))[None]          # [1, T, C, H, W]
+    patches, t, h, w = Qwen2VLVideoProcessor().patchify(video, patch_size=14, merge_size=2,
+                                                         temporal_patch_size=2)
+    assert (t, h, w) == (3, 4, 6)
+    ref = np.asarray(qwen2_5_vl.video_rows(model.vision_tower, patches[0].numpy(), [[t, h, w]]))
     np.testing.assert_array_equal(ours.reshape(-1, ours.shape[-1]), ref)
 
 
