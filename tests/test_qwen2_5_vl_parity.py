@@ -175,3 +175,21 @@ def test_bad_inputs_are_named(pair):
         model.encode_video(np.zeros((2, 30, 56, 3), np.float32))
     with pytest.raises(ValueError, match="tokens_per_second is required"):
         positions.prompt_positions([-1, 0, 1, 2, 3], video_grid_thw=[[1, 4, 4]])
+
+
+def test_hf_logits_on_the_longvila_family_is_its_llm(tmp_path):
+    """One interface on both families: an LLM-only (LongVILA-family) checkpoint's `hf_logits`
+    equals transformers' Qwen2 on the same ids and mask; frames are refused by name."""
+    from hf_fixtures import qwen2_hf
+    torch_model = qwen2_hf(seed=5)
+    torch_model.save_pretrained(tmp_path)
+    model = hf.load_pretrained(str(tmp_path))
+    ids = np.random.RandomState(9).randint(0, 97, (2, 10))
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        ref = torch_model(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    out = np.asarray(model.hf_logits(ids, attention_mask=mask))
+    assert rel_err(out[mask.astype(bool)], ref[mask.astype(bool)]) < 1e-4
+    with pytest.raises(NotImplementedError, match="Qwen2.5-VL only"):
+        model.hf_logits(ids, pixel_values_videos=np.zeros((4, 3)), video_grid_thw=[[1, 2, 2]])

@@ -42,7 +42,8 @@ class VLM(nnx.Module):
             self.mm_projector = None
 
     def encode_video(self, frames_fhwc: jax.Array) -> jax.Array:
-        """Normalised frames [F, H, W, C] -> projector output [F, tokens_per_frame, D].
+        """Normalised frames [F, H, W, C] -> projector output [F, tokens_per_frame, D]; for
+        Qwen2.5-VL the merger's rows per temporal patch of 2 frames, [ceil(F/2), H*W/28^2, D].
 
         The "\\n" separator is not included: it comes from the LLM's current embedding table at
         splice time, so cached embeddings stay valid while the LLM trains.
