@@ -70,6 +70,9 @@ CASES = {
     "tokens_per_second_3": ([("text", 2), ("video", (7, 6, 4)), ("text", 5)], [0.35], 3),
     "default_seconds": ([("text", 6), ("video", (2, 10, 2)), ("text", 1)], [None], 4),
     "text_only": ([("text", 9)], [], 2),
+    # 0.7 s x 2 = 1.4 per temporal patch: products like 5 x 1.4 sit at an integer, where the
+    # truncation depends on the exact float arithmetic.
+    "long_fractional_step": ([("text", 2), ("video", (16, 2, 2)), ("text", 2)], [0.7], 2),
 }
 
 

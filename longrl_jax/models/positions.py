@@ -67,6 +67,10 @@ def prompt_positions(video_rows, *, video_grid_thw=None, second_per_grid_ts=None
     `video_grid_thw` [V, 3] in patch units as transformers and vLLM take it (each video is
     `t * h * w / merge^2` rows); `second_per_grid_ts` [V] seconds per temporal patch (default
     1.0, as both references); `tokens_per_second` from the checkpoint's vision config.
+
+    The temporal index is truncated from a float64 product, as vLLM computes it from the Python
+    float it reads back from its `second_per_grid_ts` tensor: send vLLM that tensor in float64
+    (a float32 0.7 reads back as 0.69999999, and 5 x 1.4 then truncates to 6, not 7).
     """
     rows = np.asarray(video_rows, np.int64).reshape(-1)
     length = len(rows)
