@@ -18,8 +18,12 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]" >$(VENV)/pip-install.log 2>&1 || \
 	  { grep -v "is ignored: it is neither" $(VENV)/pip-install.log | tail -40; exit 1; }
-	# vllm's resolver brings CUDA builds of these; the text path needs none and they break transformers' import.
-	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	# vllm's resolver brings CUDA builds of these. torchaudio/torchcodec are unused and break
+	# transformers' import; torchvision is needed (vLLM's Qwen2.5-VL imports transformers' Qwen2-VL
+	# processor): pinned to torch's version, and on CPU made to import beside torch's CPU build
+	# (tools/torchvision_cpu.py says why and what; it changes nothing where the ops load).
+	$(PY) -m pip uninstall -y -q torchaudio torchcodec 2>/dev/null || true
+	$(PY) tools/torchvision_cpu.py
 	touch $(STAMP)
 
 # tests/test_web_demo.py drives the web demo in headless Chromium: the Debian packages chromium

@@ -113,3 +113,51 @@ def rel_err(out, ref) -> float:
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     return float(np.abs(out - ref).max() / np.abs(ref).max())
 
+
+
+def qwen2_5_vl_hf(vocab=131, hidden=64, inter=80, layers=2, heads=4, kv=4, tied=False,
+                  head_dim=None, mrope=(2, 3, 3), theta=5000.0, v_hidden=32, v_inter=40,
+                  v_depth=3, v_heads=2, window=56, fullatt=(1,), tokens_per_second=2, seed=0):
+    """A tiny `Qwen2_5_VLForConditionalGeneration` moved off its init. Window 56 px = 2x2 merged
+    units of 14 px patches, so small grids already hold several windows (and ragged ones). The
+    special ids sit at the end of the vocabulary."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    hd = head_dim or hidden // heads
+    assert sum(mrope) == hd // 2
+    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                rms_norm_eps=1e-6, max_position_embeddings=1024, tie_word_embeddings=tied,
+                rope_parameters={"rope_type": "default", "rope_theta": theta,
+                                 "mrope_section": list(mrope)},
+                **({"head_dim": head_dim} if head_dim else {}))
+    vision = dict(depth=v_depth, hidden_size=v_hidden, intermediate_size=v_inter,
+                  num_heads=v_heads, out_hidden_size=hidden, patch_size=14, temporal_patch_size=2,
+                  spatial_merge_size=2, window_size=window, fullatt_block_indexes=list(fullatt),
+                  tokens_per_second=tokens_per_second, in_channels=3)
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tied,
+                           vision_start_token_id=vocab - 4, vision_end_token_id=vocab - 3,
+                           image_token_id=vocab - 2, video_token_id=vocab - 1)
+    torch.manual_seed(seed)
+    return perturb(Qwen2_5_VLForConditionalGeneration(cfg), seed)
+
+
+def write_transformers4_layout(model, path: str) -> None:
+    """Saves `model` with the names transformers 4.52-4.x wrote (`model.visual.*`,
+    `model.language_model.*`); transformers 5 writes the hub's (`visual.*`, `model.layers.*`)."""
+    model.save_pretrained(path)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}  # the module's own names
+    assert all(k.startswith(("model.visual.", "model.language_model.", "lm_head.")) for k in sd)
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    for f in os.listdir(path):
+        if f.startswith("model") and "safetensors" in f:
+            os.remove(os.path.join(path, f))
+    save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+def video_inputs(model, grids, seed=0):
+    """Random `pixel_values_videos` for `video_grid_thw` = grids (patch units)."""
+    rs = np.random.RandomState(seed)
+    k = 3 * 2 * 14 * 14
+    n = sum(t * h * w for t, h, w in grids)
+    return torch.tensor(rs.randn(n, k).astype(np.float32)), torch.tensor(grids)

@@ -9,13 +9,17 @@ A table row names a JAX parameter path, its HF tensor name, and how the layouts 
            inputs: 1 for q/k/v [D, N, H], 2 for o_proj [N, H, D])
   reshape  HF flat bias [N*H] <-> JAX [N, H]
   conv     HF Conv2d [D, C, kh, kw] <-> JAX [kh, kw, C, D]
+  conv3d   HF Conv3d [D, C, kt, kh, kw] <-> JAX [C, kt, kh, kw, D]
 A row whose `jax` is a tuple reads one packed HF tensor split in equal parts along axis 0
 (torch's MultiheadAttention `in_proj_weight` = q, k, v).
 
 Layouts read: a plain Qwen2 directory (config.json + safetensors, sharded with an index or not),
-or a LongVILA directory (`llm/`, `vision_tower/`, `mm_projector/`, top-level `config.json`).
-Known wrapper prefixes (`llm.`, `vision_tower.vision_tower.`, `vision_model.`, `mm_projector.`)
-are stripped on load; saving writes the names transformers expects.
+a LongVILA directory (`llm/`, `vision_tower/`, `mm_projector/`, top-level `config.json`), or a
+Qwen2.5-VL directory (one config.json, `model_type: qwen2_5_vl`), in either naming: the hub's,
+which transformers 5 also writes (`visual.*`, `model.layers.*`, `model.embed_tokens.*`), or
+transformers 4.52-4.x's (`model.visual.*`, `model.language_model.*`). Known wrapper prefixes (`llm.`,
+`vision_tower.vision_tower.`, `vision_model.`, `mm_projector.`) are stripped and a family's
+`aliases` renamed on load; saving writes the names transformers (5) writes.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class Family:
     num_layers: Callable[[ModelConfig], int]
     rules: tuple[Rule, ...]
     ignore: tuple[str, ...] = ()     # HF tensors that are legitimately unused (regexes)
+    aliases: tuple[tuple[str, str], ...] = ()  # (regex, replacement) to the table's names, on load
 
 
 def _untied(cfg: ModelConfig) -> bool:
@@ -162,8 +167,56 @@ PROJECTOR = Family(
 
 FAMILIES = {"llm": QWEN2, "vision_tower": SIGLIP, "mm_projector": PROJECTOR}
 
+# Qwen2.5-VL: one directory, both parts in one set of safetensors. The table's names are what
+# transformers 5 writes (and the hub's checkpoints hold): `visual.*`, `model.layers.*`,
+# `model.embed_tokens.*`, `lm_head.*`; transformers 4.52-4.x wrote `model.visual.*` and
+# `model.language_model.*`, renamed to them on load.
+_QWEN2_5_VL_ALIASES = ((r"^model\.language_model\.", "model."), (r"^model\.visual\.", "visual."))
+QWEN2_5_VL_LLM = Family(
+    jax_prefix="llm", save_prefix="", strip_prefixes=(),
+    num_layers=lambda c: c.llm.num_layers,
+    rules=QWEN2.rules,
+    ignore=(r"rotary_emb\.inv_freq$", r"^lm_head\.weight$", r"^visual\."),
+    aliases=_QWEN2_5_VL_ALIASES,
+)
+_B = "blocks.{i}."
+QWEN2_5_VL_VISION = Family(
+    jax_prefix="vision_tower", save_prefix="visual.", strip_prefixes=("visual.",),
+    num_layers=lambda c: c.vision.num_layers,
+    rules=(
+        Rule("patch_embed.kernel", "patch_embed.proj.weight", "conv3d"),
+        Rule(_B + "norm1.scale", _B + "norm1.weight"),
+        Rule(tuple(_B + f"attn.{p}.kernel" for p in "qkv"), _B + "attn.qkv.weight", "linear"),
+        Rule(tuple(_B + f"attn.{p}.bias" for p in "qkv"), _B + "attn.qkv.bias", "reshape"),
+        Rule(_B + "attn.proj.kernel", _B + "attn.proj.weight", "linear", n_in=2),
+        Rule(_B + "attn.proj.bias", _B + "attn.proj.bias"),
+        Rule(_B + "norm2.scale", _B + "norm2.weight"),
+        *(r for p in ("gate_proj", "up_proj", "down_proj")
+          for r in (Rule(_B + f"mlp.{p}.kernel", _B + f"mlp.{p}.weight", "linear"),
+                    Rule(_B + f"mlp.{p}.bias", _B + f"mlp.{p}.bias"))),
+        Rule("merger.ln_q.scale", "merger.ln_q.weight"),
+        Rule("merger.mlp_0.kernel", "merger.mlp.0.weight", "linear"),
+        Rule("merger.mlp_0.bias", "merger.mlp.0.bias"),
+        Rule("merger.mlp_2.kernel", "merger.mlp.2.weight", "linear"),
+        Rule("merger.mlp_2.bias", "merger.mlp.2.bias"),
+    ),
+    ignore=(r"^model\.", r"^lm_head\."),
+    aliases=_QWEN2_5_VL_ALIASES,
+)
+QWEN2_5_VL_FAMILIES = {"llm": QWEN2_5_VL_LLM, "vision_tower": QWEN2_5_VL_VISION}
+
+
+def family_for(cfg: ModelConfig, part: str) -> Family:
+    """The table of one part ('llm', 'vision_tower', 'mm_projector') of a model of `cfg`."""
+    table = QWEN2_5_VL_FAMILIES if cfg.family == "qwen2_5_vl" else FAMILIES
+    if part not in table:
+        raise ValueError(f"a {cfg.family} model has no part {part!r}; parts: {sorted(table)}")
+    return table[part]
+
 
 def families_of(cfg: ModelConfig) -> list[Family]:
+    if cfg.family == "qwen2_5_vl":
+        return [QWEN2_5_VL_LLM, QWEN2_5_VL_VISION] if cfg.is_vlm else [QWEN2_5_VL_LLM]
     return [QWEN2, SIGLIP, PROJECTOR] if cfg.is_vlm else [QWEN2]
 
 
@@ -192,6 +245,8 @@ def to_jax_layout(hf: np.ndarray, rule: Rule, shape: tuple[int, ...]) -> np.ndar
         return hf.reshape(shape)
     if rule.kind == "conv":
         return hf.transpose(2, 3, 1, 0)
+    if rule.kind == "conv3d":
+        return hf.transpose(1, 2, 3, 4, 0)
     raise ValueError(f"unknown rule kind {rule.kind!r}")
 
 
@@ -205,6 +260,8 @@ def to_hf_layout(x: np.ndarray, rule: Rule) -> np.ndarray:
         return x.reshape(-1)
     if rule.kind == "conv":
         return x.transpose(3, 2, 0, 1)
+    if rule.kind == "conv3d":
+        return x.transpose(4, 0, 1, 2, 3)
     raise ValueError(f"unknown rule kind {rule.kind!r}")
 
 
@@ -216,6 +273,8 @@ def hf_shape(shape: tuple[int, ...], rule: Rule) -> tuple[int, ...]:
         return (math.prod(shape[rule.n_in:]), math.prod(shape[:rule.n_in]))
     if rule.kind == "reshape":
         return (math.prod(shape),)
+    if rule.kind == "conv3d":
+        return (shape[4], *shape[:4])
     return (shape[3], shape[2], shape[0], shape[1])
 
 
@@ -265,6 +324,12 @@ def _strip(name: str, prefixes: tuple[str, ...]) -> str:
     return name
 
 
+def _rename(name: str, aliases: tuple[tuple[str, str], ...]) -> str:
+    for pattern, repl in aliases:
+        name = re.sub(pattern, repl, name)
+    return name
+
+
 def read_config(path: str) -> tuple[ModelConfig, dict[str, str]]:
     """The ModelConfig of a checkpoint directory and the directory of each part."""
     if not os.path.isdir(path):
@@ -283,6 +348,9 @@ def read_config(path: str) -> tuple[ModelConfig, dict[str, str]]:
         cfg = ModelConfig.from_hf(llm_cfg, vision_cfg, projector_cfg, top)
     else:
         llm_cfg = _read_json(os.path.join(path, "config.json"))
+        if llm_cfg.get("model_type") == "qwen2_5_vl":
+            cfg = ModelConfig.from_qwen2_5_vl_hf(llm_cfg)
+            return cfg, {"llm": path, "vision_tower": path}
         dirs = {"llm": path}
         cfg = ModelConfig.from_hf(llm_cfg, top_cfg=llm_cfg)
     return cfg, dirs
@@ -323,8 +391,9 @@ def load_pretrained(path: str, *, param_dtype=jnp.float32, dtype=None, mesh=None
     host: dict[str, np.ndarray] = {}   # filled on host, placed once complete
     filled: dict[str, int] = {}
     stacked: set[str] = set()
-    for part, family in ((p, FAMILIES[p]) for p in dirs):
-        tensors = {_strip(k, family.strip_prefixes): v for k, v in read_tensors(dirs[part]).items()}
+    for part, family in ((p, family_for(cfg, p)) for p in dirs):
+        tensors = {_strip(_rename(k, family.aliases), family.strip_prefixes): v
+                   for k, v in read_tensors(dirs[part]).items()}
         used: set[str] = set()
         for jax_paths, name, rule in expand(family, cfg):
             if name not in tensors:
@@ -376,9 +445,9 @@ def _placer(mesh, rules):
 
 # ------------------------------------------------------------------------------- export
 def hf_arrays(model: VLM, part: str = "llm", dtype=None) -> dict[str, np.ndarray]:
-    """HF-named host arrays of one part ('llm', 'vision_tower', 'mm_projector'): what
-    `save_pretrained` writes and what a weight sync sends."""
-    family = FAMILIES[part]
+    """HF-named host arrays of one part ('llm', 'vision_tower', 'mm_projector'; Qwen2.5-VL has no
+    'mm_projector'): what `save_pretrained` writes and what a weight sync sends."""
+    family = family_for(model.cfg, part)
     if part != "llm" and not model.cfg.is_vlm:
         raise ValueError(f"an LLM-only model has no {part}")
     flat = _flat_state(model)
@@ -430,7 +499,8 @@ def _write_part(directory: str, tensors: Mapping[str, np.ndarray], config: dict,
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
-                   "generation_config.json")
+                   "generation_config.json", "chat_template.json", "preprocessor_config.json",
+                   "video_preprocessor_config.json", "processor_config.json")
 
 
 def save_pretrained(model: VLM, path: str, *, dtype=None, tokenizer_dir: str | None = None,
@@ -440,6 +510,9 @@ def save_pretrained(model: VLM, path: str, *, dtype=None, tokenizer_dir: str | N
     from `tokenizer_dir` (default: the directory the model was loaded from) are copied next to
     the LLM weights so transformers and vLLM can load `llm/` alone."""
     cfg = model.cfg
+    if cfg.family == "qwen2_5_vl":
+        _save_qwen2_5_vl(model, path, dtype, tokenizer_dir, max_shard_bytes)
+        return
     llm_dir = os.path.join(path, "llm") if cfg.is_vlm else path
     llm_config = cfg.llm.to_hf()
     if dtype is not None:
@@ -466,12 +539,33 @@ def save_pretrained(model: VLM, path: str, *, dtype=None, tokenizer_dir: str | N
         }
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(top, f, indent=2, sort_keys=True)
+    _copy_tokenizer(model, llm_dir, tokenizer_dir)
+
+
+def _copy_tokenizer(model: VLM, directory: str, tokenizer_dir: str | None) -> None:
     src = tokenizer_dir or dict(getattr(model, "source_dirs", ())).get("llm")
-    if src and os.path.abspath(src) != os.path.abspath(llm_dir):
+    if src and os.path.abspath(src) != os.path.abspath(directory):
         for name in TOKENIZER_FILES:
             if os.path.exists(os.path.join(src, name)):
-                shutil.copy(os.path.join(src, name), os.path.join(llm_dir, name))
+                shutil.copy(os.path.join(src, name), os.path.join(directory, name))
 
 
-__all__ = ["CheckpointError", "ConfigError", "FAMILIES", "PROJECTOR", "QWEN2", "Rule", "SIGLIP",
-           "hf_arrays", "load_pretrained", "read_config", "read_tensors", "save_pretrained"]
+def _save_qwen2_5_vl(model: VLM, path: str, dtype, tokenizer_dir: str | None,
+                     max_shard_bytes: int) -> None:
+    """One directory as transformers 5 writes `Qwen2_5_VLForConditionalGeneration`: config.json
+    and safetensors named `visual.*`, `model.*` (the LLM) and `lm_head.*` (untied only)."""
+    cfg = model.cfg
+    if not cfg.is_vlm:
+        raise ValueError("saving an M-RoPE LLM without its vision tower is not supported: "
+                         "transformers has no Qwen2.5-VL text-only checkpoint class")
+    config = cfg.qwen2_5_vl_to_hf()
+    if dtype is not None:
+        config["dtype"] = np.dtype(dtype).name
+    tensors = {**hf_arrays(model, "llm", dtype), **hf_arrays(model, "vision_tower", dtype)}
+    _write_part(path, tensors, config, max_shard_bytes)
+    _copy_tokenizer(model, path, tokenizer_dir)
+
+
+__all__ = ["CheckpointError", "ConfigError", "FAMILIES", "PROJECTOR", "QWEN2", "QWEN2_5_VL_LLM",
+           "QWEN2_5_VL_VISION", "Rule", "SIGLIP", "family_for", "hf_arrays", "load_pretrained",
+           "read_config", "read_tensors", "save_pretrained"]

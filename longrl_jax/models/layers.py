@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Axes = tuple[str | None, ...]
@@ -122,6 +123,20 @@ def rope_cos_sin(positions_bt: jax.Array, head_dim: int, theta: float,
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     inv_freq = inv_freq / scaling_factor
     freqs = positions_bt.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def mrope_cos_sin(positions_3bt: jax.Array, head_dim: int, theta: float,
+                  section: Sequence[int]) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [B, T, H] for Qwen2.5-VL's M-RoPE: rotary frequency j takes its position
+    from the temporal, height or width row of `positions_3bt` [3, B, T] by the section it falls
+    in (`section`, e.g. (16, 24, 24) for head_dim 128), then the rotate-half layout as 1-D RoPE.
+    Text has three equal rows, so on text this is exactly `rope_cos_sin`."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    axis_of = np.repeat(np.arange(len(section)), section)                  # [H/2]
+    pos_bth = jnp.moveaxis(positions_3bt.astype(jnp.float32), 0, -1)[..., axis_of]
+    freqs = pos_bth * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 

@@ -21,6 +21,7 @@ from longrl_jax.models.layers import (
     RMSNorm,
     apply_rope,
     dense_attention,
+    mrope_cos_sin,
     rope_cos_sin,
 )
 
@@ -163,6 +164,21 @@ class Qwen2ForCausalLM(nnx.Module):
     def embed(self, input_ids_bt: jax.Array) -> jax.Array:
         return self.embed_tokens(jnp.asarray(input_ids_bt))
 
+    def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """cos/sin [B, T, H] from positions [B, T], or [3, B, T] (temporal, height, width) for an
+        M-RoPE model (`cfg.mrope_section`; see `models/positions.py`); [B, T] positions on an
+        M-RoPE model are text positions (all three rows equal)."""
+        c = self.cfg
+        if c.mrope_section is None:
+            if positions.ndim != 2:
+                raise ValueError(f"positions must be [B, T] for 1-D RoPE, got {positions.shape}")
+            return rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling_factor)
+        if positions.ndim == 2:
+            positions = jnp.broadcast_to(positions[None], (3, *positions.shape))
+        if positions.ndim != 3 or positions.shape[0] != 3:
+            raise ValueError(f"M-RoPE positions must be [3, B, T], got {positions.shape}")
+        return mrope_cos_sin(positions, c.head_dim, c.rope_theta, c.mrope_section)
+
     def hidden_states(self, input_ids_bt: jax.Array | None = None, *,
                       inputs_embeds_btd: jax.Array | None = None,
                       positions_bt: jax.Array | None = None,
@@ -175,8 +191,7 @@ class Qwen2ForCausalLM(nnx.Module):
         b, t = x_btd.shape[:2]
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        cos, sin = rope_cos_sin(positions_bt, self.cfg.head_dim, self.cfg.rope_theta,
-                                self.cfg.rope_scaling_factor)
+        cos, sin = self.rope(jnp.asarray(positions_bt))
         cos, sin = cos.astype(self.dtype), sin.astype(self.dtype)
         attn_fn = self.attn_fn
         constrain = (lambda x: jax.lax.with_sharding_constraint(x, self.act_sharding)) \
