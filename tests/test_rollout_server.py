@@ -309,8 +309,10 @@ def test_token_is_required_by_every_rpc(served, weights):
 # ---- start-up errors ---------------------------------------------------------------------------
 
 def _start(args, tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # this checkout's server
+    env = dict(os.environ, PYTHONPATH=repo)
     return subprocess.run([sys.executable, "-m", "rollout_server", *args], capture_output=True,
-                          text=True, timeout=120, cwd=tmp_path)
+                          text=True, timeout=120, env=env, cwd=tmp_path)
 
 
 def test_startup_errors_exit_with_one_line(tmp_path):

@@ -4,6 +4,7 @@ when the machine has none). Certificates are made here with the openssl CLI."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -49,11 +50,19 @@ def _certs(d, ip: str, name: str = "ca") -> dict:
 
 
 @pytest.fixture(scope="module")
-def tls_server(tmp_path_factory):
+def made(tmp_path_factory):
+    """(certificates, folder): a CA, a server certificate for this machine, a tiny model."""
     d = tmp_path_factory.mktemp("tls")
+    certs = _certs(d, _own_address()[1])
+    write_served_qwen2(str(d / "qwen2"))
+    return certs, d
+
+
+@pytest.fixture(scope="module")
+def tls_server(made):
+    certs, d = made
     bind, connect = _own_address()
-    certs = _certs(d, connect)
-    path = write_served_qwen2(str(d / "qwen2"))
+    path = str(d / "qwen2")
     # a 0.0.0.0 bind is reached through loopback; the server still applies off-loopback rules
     server = RolloutServerProcess(path, host=bind, connect_host=connect, token=TOKEN,
                                   env=server_env(), log_path=str(d / "server.log"),
@@ -106,12 +115,14 @@ def test_refused_without_token_or_tls(tls_server, tmp_path):
 
 
 def _start(args, cwd):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # this checkout's server
+    env = dict(os.environ, PYTHONPATH=repo)
     return subprocess.run([sys.executable, "-m", "rollout_server", *args], capture_output=True,
-                          text=True, timeout=120, cwd=cwd)
+                          text=True, timeout=120, env=env, cwd=cwd)
 
 
-def test_bad_secret_files_fail_startup_with_one_line(tls_server, tmp_path):
-    _, certs, d, _ = tls_server
+def test_bad_secret_files_fail_startup_with_one_line(made, tmp_path):
+    certs, d = made
     bind, _ = _own_address()
     token = tmp_path / "token"
     token.write_text(TOKEN)

@@ -30,6 +30,7 @@ from typing import Sequence
 import grpc
 import numpy as np
 
+import rollout_server
 from longrl_jax.models import hf
 from longrl_jax.rl.rollout_client import (
     RolloutClient,
@@ -252,6 +253,9 @@ class RolloutServerProcess:
             cmd += ["--tls-cert", cert, "--tls-key", key]
         env = dict(os.environ, **(self.env or {}))
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        # the server's code is the checkout this trainer's client comes from, whatever the cwd
+        root = os.path.dirname(os.path.dirname(os.path.abspath(rollout_server.__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         if self.log_path and self._log is None:
             os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
             self._log = open(self.log_path, "ab")
