@@ -101,7 +101,9 @@ def test_rl_run_survives_server_faults(tmp_path):
     # an undisturbed run serves version k + 1 after step k: so did this one
     assert [r["rollout/weight_version"] for r in rows] == [k + 1.0 for k in range(1, RL_STEPS + 1)]
     assert rows[-1]["rollout/server_restarts"] == 3
-    assert rows[-1]["rollout/retries"] >= 3
+    # the two calls that failed were retried (a death noticed before a call is recovered
+    # without a failed try)
+    assert rows[-1]["rollout/retries"] >= 2
     # after each restart the samples came from the trainer's current weights
     assert max(r["rollout/logp_mismatch"] for r in rows) < 1e-3
     log = open(os.path.join(workdir, "rollout_server.log")).read()
