@@ -46,6 +46,7 @@ MAX_N = 256
 MAX_KEY_CHARS = 256
 MAX_SEQUENCES = 1 << 16          # prompts x n of one Generate
 MAX_SEED = (1 << 63) - 1
+MAX_TEMPERATURE = 2.0            # vLLM's own bound
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 WEIGHT_FILE_PREFIX = "longrl-weights-"   # the client's (longrl_jax/rl/rollout_client.py)
 
@@ -218,8 +219,9 @@ class RolloutService(pb_grpc.RolloutServicer):
                        f"{SEED_STRIDE}] (prompt i samples with seed + i x {SEED_STRIDE})")
         if not 1 <= s.max_tokens < e.max_model_len:
             raise _bad(f"sampling.max_tokens = {s.max_tokens}: must be in [1, {e.max_model_len})")
-        if not (math.isfinite(s.temperature) and 0 <= s.temperature <= 100):
-            raise _bad(f"sampling.temperature = {s.temperature}: must be finite, in [0, 100]")
+        if not (math.isfinite(s.temperature) and 0 <= s.temperature <= MAX_TEMPERATURE):
+            raise _bad(f"sampling.temperature = {s.temperature}: must be in [0, "
+                       f"{MAX_TEMPERATURE}]")
         top_p = s.top_p or 1.0
         if not (math.isfinite(top_p) and 0 < top_p <= 1):
             raise _bad(f"sampling.top_p = {s.top_p}: must be in (0, 1]")

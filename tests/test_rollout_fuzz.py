@@ -130,7 +130,7 @@ def test_generate_every_bound(fz):
     refused(call(_gen(prompts=[_tokens([1])] * 257, n=256)), "sampling.n", RE)  # > 65,536 seqs
     for m in (0, -1, -2 ** 31, MAX_LEN, 2 ** 31 - 1):
         refused(call(_gen(max_tokens=m)), "max_tokens", IA)
-    for t in (-1e-3, -math.inf, 100.5, math.inf, math.nan, 3e38):
+    for t in (-1e-3, -math.inf, 2.001, 100.5, math.inf, math.nan, 3e38):
         refused(call(_gen(temperature=t)), "temperature", IA)
     for p in (-0.1, 1.01, math.inf, -math.inf, math.nan):
         refused(call(_gen(top_p=p)), "top_p", IA)
@@ -160,7 +160,7 @@ def test_generate_every_bound(fz):
             IA)
     # and a few that are valid at the bounds
     for req in (_gen(n=1, max_tokens=1, top_k=VOCAB, top_p=1e-6, seed=0),
-                _gen(prompts=[_ref(start=7)], temperature=100.0, stop_token_ids=[VOCAB - 1]),
+                _gen(prompts=[_ref(start=7)], temperature=2.0, stop_token_ids=[VOCAB - 1]),
                 _gen(prompts=[_tokens([VOCAB - 1, 0])], max_tokens=1, seed=2 ** 63 - 1)):
         status, reply = call(req)
         assert status == grpc.StatusCode.OK, reply
@@ -403,8 +403,8 @@ def test_generates_during_an_update(fz):
 
 INT32 = [-2 ** 31, -1, 0, 1, 2, 7, 8, VOCAB - 1, VOCAB, MAX_LEN - 1, MAX_LEN, 2 ** 31 - 1]
 INT64 = INT32 + [-2 ** 63, 2 ** 40, 2 ** 62, 2 ** 63 - 1]
-FLOATS = [-math.inf, -1.0, -0.0, 0.0, 1e-30, 0.5, 1.0, 1.0001, 100.0, 100.5, 3e38, math.inf,
-          math.nan]
+FLOATS = [-math.inf, -1.0, -0.0, 0.0, 1e-30, 0.5, 1.0, 1.0001, 2.0, 2.001, 100.5, 3e38,
+          math.inf, math.nan]
 STRINGS = ["", "a", "x" * 300, "x" * 5000, "\x00", "\u2603\n", "../../etc/passwd", "fz-rows",
            "float32", "bfloat16", "int8", "model.embed_tokens.weight", "/dev/shm/psm_1"]
 SMALL = {"n": [-2 ** 31, -1, 0, 1, 2, 257, 2 ** 31 - 1],           # valid values stay cheap
@@ -437,7 +437,8 @@ def _mutate(msg, rng, depth=0) -> None:
     from google.protobuf.descriptor import FieldDescriptor as F
     fields = list(msg.DESCRIPTOR.fields)
     field = rng.choice(fields)
-    repeated = field.label == F.LABEL_REPEATED
+    repeated = (field.is_repeated if hasattr(field, "is_repeated")
+                else field.label == F.LABEL_REPEATED)
     if field.type == F.TYPE_MESSAGE:
         if field.message_type.GetOptions().map_entry:
             return
