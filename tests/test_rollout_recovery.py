@@ -146,3 +146,26 @@ def test_sigkilled_trainer_leaves_no_server(tmp_path):
             child.kill()
             child.wait()
     assert "parent" in open(tmp_path / "server.log").read()
+
+
+def test_bounded_attempts_then_a_clear_error(tmp_path):
+    """A server that cannot come back: the connection tries `rollout.max_attempts` times in all
+    (each a real `python -m rollout_server` that exits at start-up), then fails the call with a
+    message that says what failed, how often, and the server's own last words."""
+    import ml_collections
+
+    from configs import common
+    from longrl_jax.rl.connection import RolloutConnection, RolloutServerProcess
+    from longrl_jax.rl.rollout_client import RolloutError
+
+    config = ml_collections.ConfigDict(
+        {"seed": 0, "rollout": common.rollout_config(max_attempts=3)})
+    conn = RolloutConnection(config, str(tmp_path), str(tmp_path))
+    conn.server = RolloutServerProcess(str(tmp_path / "gone"), env=server_env(),
+                                       log_path=str(tmp_path / "server.log"))
+    with pytest.raises(RolloutError) as err:
+        conn.generate([], max_tokens=2)
+    msg = str(err.value)
+    assert "rollout failed 3 times" in msg and "not a directory" in msg, msg
+    assert conn.counters() == {"rollout/server_restarts": 0.0, "rollout/retries": 2.0}
+    assert open(tmp_path / "server.log").read().count("not a directory") == 3
