@@ -54,7 +54,9 @@ PROMPT = [9, 20, 31, 42, 53, 64, 75, 86]
 def test_greedy_matches_transformers_and_jax(served):
     server, path = served
     [[s]] = server.client.generate([PROMPT], n=1, max_tokens=12, temperature=0.0, ignore_eos=True)
-    assert s.weight_version == 0 and len(s.token_ids) == 12 and s.finish_reason == "length"
+    # the session's server may have been sent updates by other modules: the same weights
+    assert s.weight_version == server.client.info().weight_version
+    assert len(s.token_ids) == 12 and s.finish_reason == "length"
     hf = _hf_model(path)
     with torch.no_grad():
         ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=12, do_sample=False,
