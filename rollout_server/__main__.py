@@ -146,7 +146,7 @@ def main(argv=None) -> None:
         print(f"rollout_server: error: {service.broken}; exiting", flush=True)
     else:
         print("rollout_server: stopped", flush=True)
-    os._exit(service.exit_code)  # grpc and vLLM leave non-daemon threads; everything is already stopped
+    os._exit(service.exit_code)  # grpc and vLLM leave non-daemon threads; all is stopped
 
 
 if __name__ == "__main__":
