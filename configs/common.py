@@ -118,10 +118,12 @@ def rl_config(steps: int, prompts_per_step: int, group_size: int, lr: float, **k
 
 
 def rollout_config(max_model_len: int = 4096, dtype: str = "bfloat16", **kw):
-    """The rollout server: started by the trainer unless `address` names a running one."""
-    c = ml_collections.ConfigDict(dict(address="", token="", port=0, dtype=dtype,
+    """The rollout server: started by the trainer unless `address` names a running one (with
+    `token`, and `ca_file` for TLS). A call that fails (the server died, wedged or broke) is
+    tried `max_attempts` times in all, the server restarted before each retry."""
+    c = ml_collections.ConfigDict(dict(address="", token="", ca_file="", port=0, dtype=dtype,
                                        max_model_len=max_model_len, block_size=0,
-                                       kvcache_gib=4, cpu_threads_bind=""))
+                                       kvcache_gib=4, cpu_threads_bind="", max_attempts=4))
     c.update(kw)
     return c
 

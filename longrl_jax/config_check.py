@@ -44,6 +44,7 @@ def validate(c) -> list[str]:
         need(c.rollout.dtype in ("float32", "bfloat16", "float16"), "rollout.dtype",
              "float32, bfloat16 or float16")
         need(c.eval.max_tokens > 0, "eval.max_tokens", "must be positive")
+        need(c.rollout.max_attempts >= 1, "rollout.max_attempts", "must be >= 1")
     return errs
 
 

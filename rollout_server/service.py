@@ -4,7 +4,14 @@ Every request is checked before it reaches the engine, and every failure becomes
 with a message that names the field: INVALID_ARGUMENT for malformed requests, NOT_FOUND for an
 unknown embedding key, FAILED_PRECONDITION for a stale weight version, RESOURCE_EXHAUSTED for
 something over a size bound, UNAUTHENTICATED for a missing or wrong token. Nothing a client sends
-can stop the server; only `Shutdown` (or a signal) does.
+can stop the server; only `Shutdown` (or a signal) does, or an engine that can no longer serve (a
+weight load that failed after validation): then the server exits with status 3, so that whoever
+started it restarts it, rather than answering UNAVAILABLE for ever.
+
+`LONGRL_ROLLOUT_FAULTS` names a file of fault drills (tests/test_rollout_recovery.py), one
+`<fault> <version>` line each: `kill_in_update` SIGKILLs the server when the update to that
+version arrives, `fail_load` makes that update's load fail after validation. Each line fires
+once (it is removed from the file), so a restarted server is not killed again.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import ipaddress
 import math
 import os
 import pathlib
+import signal
+import stat
 import tempfile
 import threading
 import time
@@ -25,6 +34,7 @@ import torch
 
 from rollout_server.embeddings import EmbeddingStore
 from rollout_server.engine import Engine
+from rollout_server.leftovers import UPDATE_FILE_PREFIX
 from rollout_server.protos import rollout_pb2 as pb
 from rollout_server.protos import rollout_pb2_grpc as pb_grpc
 from rollout_server.tensors import DTYPES, TensorError, all_finite, from_bytes, nbytes
@@ -34,7 +44,11 @@ MAX_MESSAGE_BYTES = 64 << 20
 MAX_PROMPTS = 4096
 MAX_N = 256
 MAX_KEY_CHARS = 256
+MAX_SEQUENCES = 1 << 16          # prompts x n of one Generate
+MAX_SEED = (1 << 63) - 1
+MAX_TEMPERATURE = 2.0            # vLLM's own bound
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+WEIGHT_FILE_PREFIX = "longrl-weights-"   # the client's (longrl_jax/rl/rollout_client.py)
 
 
 class RequestError(Exception):
@@ -45,6 +59,16 @@ class RequestError(Exception):
 
 def _bad(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _too_big(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
+def _short(text: str, n: int = 64) -> str:
+    """A client's string as it appears in an error message: repr'd and bounded (status details
+    travel in a header, which has a size limit)."""
+    return repr(text) if len(text) <= n else repr(text[:n]) + f"... ({len(text)} characters)"
 
 
 def _handle(fn):
@@ -73,6 +97,7 @@ class RolloutService(pb_grpc.RolloutServicer):
         self.shm_dir = pathlib.Path(shm_dir if os.path.isdir(shm_dir) else tempfile.gettempdir())
         self.shutdown_event = threading.Event()
         self.broken: str | None = None       # set when a validated update failed inside vLLM
+        self.exit_code = 0                   # non-zero: the server stops because it is broken
         self._update_lock = threading.Lock()
 
     # ---- status ---------------------------------------------------------------------------------
@@ -112,28 +137,32 @@ class RolloutService(pb_grpc.RolloutServicer):
             raise _bad("PutEmbeddings: empty stream")
         key = first.key
         if not key or len(key) > MAX_KEY_CHARS:
-            raise _bad(f"PutEmbeddings: key must be 1..{MAX_KEY_CHARS} characters")
+            raise _bad(f"PutEmbeddings: key {_short(key)} must be 1..{MAX_KEY_CHARS} characters")
+        name = f"PutEmbeddings {_short(key)}"
         if first.dtype not in FLOAT_DTYPES:
-            raise _bad(f"PutEmbeddings {key!r}: dtype {first.dtype!r} is not one of {FLOAT_DTYPES}")
+            raise _bad(f"{name}: dtype {_short(first.dtype)} is not one of {FLOAT_DTYPES}")
         shape = list(first.shape)
         if len(shape) != 2 or shape[0] < 1 or shape[1] != self.engine.hidden_size:
-            raise _bad(f"PutEmbeddings {key!r}: shape {shape} is not [rows >= 1, "
+            raise _bad(f"{name}: shape {shape[:4]} is not [rows >= 1, "
                        f"{self.engine.hidden_size}] (the model's hidden size)")
         want = nbytes(first.dtype, shape)
         if want > self.store.max_bytes:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"PutEmbeddings {key!r}: {want} bytes exceed the store's budget "
-                               f"of {self.store.max_bytes} bytes")
+            raise _too_big(f"{name}: shape {shape} is {want} bytes, over the embedding store's "
+                           f"budget of {self.store.max_bytes} bytes")
         buf = bytearray()
         for chunk in _chain(first, request_iterator):
             if chunk.key and chunk.key != key:
-                raise _bad(f"PutEmbeddings: key changed mid-stream ({key!r} -> {chunk.key!r})")
+                raise _bad(f"PutEmbeddings: key changed mid-stream ({_short(key)} -> "
+                           f"{_short(chunk.key)})")
             buf += chunk.data
             if len(buf) > want:
-                raise _bad(f"PutEmbeddings {key!r}: more than the {want} bytes its shape needs")
+                raise _bad(f"{name}: data holds more than the {want} bytes its shape needs")
+        if len(buf) != want:
+            raise _bad(f"{name}: data holds {len(buf)} bytes; shape {shape} in {first.dtype} "
+                       f"needs {want}")
         value = from_bytes(buf, first.dtype, shape).to(DTYPES[self.engine.dtype])
         if not all_finite(value):
-            raise _bad(f"PutEmbeddings {key!r}: contains NaN or Inf")
+            raise _bad(f"{name}: data contains NaN or Inf")
         stored = self.store.put(key, value)
         return pb.PutEmbeddingsReply(key=key, stored=stored, nbytes=want)
 
@@ -155,8 +184,8 @@ class RolloutService(pb_grpc.RolloutServicer):
         if not request.prompts:
             raise _bad("Generate: no prompts")
         if len(request.prompts) > MAX_PROMPTS:
-            raise _bad(f"Generate: {len(request.prompts)} prompts; at most {MAX_PROMPTS}")
-        params = self._sampling(request.sampling)
+            raise _too_big(f"Generate: {len(request.prompts)} prompts; at most {MAX_PROMPTS}")
+        params = self._sampling(request.sampling, len(request.prompts))
         prompts = [self._prompt(i, p, params.max_tokens) for i, p in enumerate(request.prompts)]
         try:
             outs, version, computed = e.submit_generate(prompts, _per_prompt_seeds(
@@ -172,22 +201,34 @@ class RolloutService(pb_grpc.RolloutServicer):
                                  finish_reason=str(o.finish_reason or ""))
         return reply
 
-    def _sampling(self, s):
+    def _sampling(self, s, prompts: int):
         from vllm import SamplingParams
 
         e = self.engine
         n = s.n or 1
-        if not 1 <= n <= MAX_N:
+        if n < 1:
             raise _bad(f"sampling.n = {s.n}: must be in [1, {MAX_N}]")
+        if n > MAX_N:
+            raise _too_big(f"sampling.n = {s.n}: at most {MAX_N}")
+        if n * prompts > MAX_SEQUENCES:
+            raise _too_big(f"sampling.n = {n} x {prompts} prompts: at most {MAX_SEQUENCES} "
+                           f"sequences per request")
+        if s.HasField("seed") and not (
+                0 <= s.seed and s.seed + (prompts - 1) * SEED_STRIDE <= MAX_SEED):
+            raise _bad(f"sampling.seed = {s.seed}: must be in [0, 2^63 - 1 - (prompts - 1) x "
+                       f"{SEED_STRIDE}] (prompt i samples with seed + i x {SEED_STRIDE})")
         if not 1 <= s.max_tokens < e.max_model_len:
             raise _bad(f"sampling.max_tokens = {s.max_tokens}: must be in [1, {e.max_model_len})")
-        if not (math.isfinite(s.temperature) and 0 <= s.temperature <= 100):
-            raise _bad(f"sampling.temperature = {s.temperature}: must be finite, in [0, 100]")
+        if not (math.isfinite(s.temperature) and 0 <= s.temperature <= MAX_TEMPERATURE):
+            raise _bad(f"sampling.temperature = {s.temperature}: must be in [0, "
+                       f"{MAX_TEMPERATURE}]")
         top_p = s.top_p or 1.0
         if not (math.isfinite(top_p) and 0 < top_p <= 1):
             raise _bad(f"sampling.top_p = {s.top_p}: must be in (0, 1]")
         if s.top_k < -1 or s.top_k > e.vocab_size:
             raise _bad(f"sampling.top_k = {s.top_k}: must be -1 or 0 (off) or in [1, vocab]")
+        if len(s.stop_token_ids) > 1024:
+            raise _too_big(f"sampling.stop_token_ids: {len(s.stop_token_ids)} ids; at most 1024")
         bad = [t for t in s.stop_token_ids if not 0 <= t < e.vocab_size]
         if bad:
             raise _bad(f"sampling.stop_token_ids {bad[:5]}: outside the vocabulary [0, {e.vocab_size})")
@@ -220,11 +261,12 @@ class RolloutService(pb_grpc.RolloutServicer):
                 if table is None:
                     raise RequestError(grpc.StatusCode.NOT_FOUND,
                                        f"prompt {i} segment {j}: unknown embedding key "
-                                       f"{ref.key!r} (send it with PutEmbeddings first)")
+                                       f"{_short(ref.key)} (send it with PutEmbeddings first)")
                 end = ref.end_row or table.shape[0]
                 if not 0 <= ref.start_row < end <= table.shape[0]:
-                    raise _bad(f"prompt {i} segment {j}: rows [{ref.start_row}, {end}) outside "
-                               f"the {table.shape[0]} rows of {ref.key!r}")
+                    raise _bad(f"prompt {i} segment {j}: embedding rows [{ref.start_row}, {end}) "
+                               f"(start_row, end_row) outside the {table.shape[0]} rows of "
+                               f"{_short(ref.key)}")
                 parts.append(("rows", table[ref.start_row:end]))
                 length += end - ref.start_row
             else:
@@ -255,8 +297,8 @@ class RolloutService(pb_grpc.RolloutServicer):
             if first.shm_path:
                 path = self._check_shm(first.shm_path, total)
             else:
-                tmp = tempfile.NamedTemporaryFile(dir=self.shm_dir, prefix="rollout-upd-",
-                                                  delete=False)
+                tmp = tempfile.NamedTemporaryFile(dir=self.shm_dir, delete=False,
+                                                  prefix=f"{UPDATE_FILE_PREFIX}{os.getpid()}-")
                 got = 0
                 with tmp:
                     for chunk in _chain(first, request_iterator):
@@ -270,11 +312,18 @@ class RolloutService(pb_grpc.RolloutServicer):
             t1 = time.perf_counter()
             self._check_finite(path, table)
             t2 = time.perf_counter()
+            if fault_drill("kill_in_update", first.version):
+                os.kill(os.getpid(), signal.SIGKILL)
             try:
+                if fault_drill("fail_load", first.version):
+                    raise RuntimeError("injected load failure (LONGRL_ROLLOUT_FAULTS)")
                 load_s = self.engine.submit_update(path, table, first.version).result()
             except Exception as err:
                 self.broken = f"weight load failed after validation: {err}"
-                raise RequestError(grpc.StatusCode.INTERNAL, self.broken) from None
+                self.exit_code = 3                # the engine may hold half-loaded weights
+                self.shutdown_event.set()
+                raise RequestError(grpc.StatusCode.INTERNAL,
+                                   f"{self.broken}; the server exits to be restarted") from None
             return pb.UpdateWeightsReply(weight_version=self.engine.version, nbytes=total,
                                          receive_s=t1 - t0, validate_s=t2 - t1, load_s=load_s)
         except RequestError:
@@ -291,25 +340,32 @@ class RolloutService(pb_grpc.RolloutServicer):
             raise _bad(f"UpdateWeights: version {first.version} is not above the serving "
                        f"version {e.version}")
         if first.total_bytes <= 0:
-            raise _bad("UpdateWeights: total_bytes must be positive")
+            raise _bad(f"UpdateWeights: total_bytes {first.total_bytes} must be positive")
         seen, table = set(), []
         for t in first.tensors:
+            name = _short(t.name, 128)
             if t.name in seen:
-                raise _bad(f"UpdateWeights: {t.name} appears twice")
+                raise _bad(f"UpdateWeights: tensor name {name} appears twice")
             seen.add(t.name)
             if t.name not in e.shapes:
-                raise _bad(f"UpdateWeights: unknown parameter {t.name!r}")
+                raise _bad(f"UpdateWeights: tensor name {name}: unknown parameter")
             if t.dtype != e.dtype:
-                raise _bad(f"UpdateWeights: {t.name} has dtype {t.dtype}; the server serves {e.dtype}")
+                raise _bad(f"UpdateWeights: {name} has dtype {_short(t.dtype)}; the server "
+                           f"serves {e.dtype}")
             if tuple(t.shape) != e.shapes[t.name]:
-                raise _bad(f"UpdateWeights: {t.name} has shape {list(t.shape)}; expected "
+                raise _bad(f"UpdateWeights: {name} has shape {list(t.shape)[:8]}; expected "
                            f"{list(e.shapes[t.name])}")
             if t.nbytes != nbytes(t.dtype, t.shape):
-                raise _bad(f"UpdateWeights: {t.name}: nbytes {t.nbytes} does not match its shape")
+                raise _bad(f"UpdateWeights: {name}: nbytes {t.nbytes} does not match its shape")
             if t.offset < 0 or t.offset + t.nbytes > first.total_bytes:
-                raise _bad(f"UpdateWeights: {t.name}: bytes [{t.offset}, {t.offset + t.nbytes}) "
-                           f"outside the {first.total_bytes} bytes sent")
+                raise _bad(f"UpdateWeights: {name}: offset {t.offset} + nbytes {t.nbytes} "
+                           f"outside the total_bytes {first.total_bytes} sent")
             table.append([t.name, t.dtype, list(t.shape), int(t.offset), int(t.nbytes)])
+        spans = sorted((row[3], row[3] + row[4], row[0]) for row in table)
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+            if start < end:
+                raise _bad(f"UpdateWeights: the bytes of {b} (offset {start}) overlap those of "
+                           f"{a} (ending at {end})")
         missing = sorted(set(e.shapes) - seen)
         if missing:
             raise _bad(f"UpdateWeights: {len(missing)} parameter(s) missing, e.g. {missing[:3]}; "
@@ -317,14 +373,25 @@ class RolloutService(pb_grpc.RolloutServicer):
         return table, int(first.total_bytes)
 
     def _check_shm(self, shm_path: str, total: int) -> str:
-        path = pathlib.Path(shm_path).resolve()
-        if path.parent != self.shm_dir.resolve():
-            raise _bad(f"UpdateWeights: shm_path must be a file directly in {self.shm_dir}")
-        if not path.is_file():
-            raise _bad(f"UpdateWeights: shm_path {shm_path} does not exist")
-        if path.stat().st_size < total:
-            raise _bad(f"UpdateWeights: {shm_path} has {path.stat().st_size} bytes, "
-                       f"declared {total}")
+        """Only a client's weight file (its name says so) directly in the shared-memory folder:
+        never another process's segment, nor a path that leads elsewhere."""
+        shown = _short(shm_path, 128)
+        if "\0" in shm_path:
+            raise _bad(f"UpdateWeights: shm_path {shown} contains a NUL character")
+        path = pathlib.Path(shm_path)
+        if (path.parent.resolve() != self.shm_dir.resolve()
+                or not path.name.startswith(WEIGHT_FILE_PREFIX)):
+            raise _bad(f"UpdateWeights: shm_path {shown} must name a {WEIGHT_FILE_PREFIX}* file "
+                       f"directly in {self.shm_dir}")
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except OSError as err:
+            raise _bad(f"UpdateWeights: shm_path {shown}: {err.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise _bad(f"UpdateWeights: shm_path {shown} is not a regular file")
+        if st.st_size != total:
+            raise _bad(f"UpdateWeights: shm_path {shown} has {st.st_size} bytes; total_bytes "
+                       f"declares {total}")
         return str(path)
 
     def _check_finite(self, path: str, table: list) -> None:
@@ -333,6 +400,26 @@ class RolloutService(pb_grpc.RolloutServicer):
             t = torch.from_numpy(np.asarray(raw[offset:offset + size])).view(DTYPES[dtype])
             if not all_finite(t):
                 raise _bad(f"UpdateWeights: {name} contains NaN or Inf")
+
+
+def fault_drill(fault: str, version: int) -> bool:
+    """True once for each `<fault> <version>` line of the LONGRL_ROLLOUT_FAULTS file."""
+    path = os.environ.get("LONGRL_ROLLOUT_FAULTS")
+    if not path:
+        return False
+    try:
+        lines = pathlib.Path(path).read_text().splitlines()
+    except OSError:
+        return False
+    want = f"{fault} {version}"
+    if want not in (line.strip() for line in lines):
+        return False
+    rest = [line for line in lines if line.strip() != want]
+    tmp = f"{path}.{os.getpid()}"
+    pathlib.Path(tmp).write_text("".join(line + "\n" for line in rest))
+    os.replace(tmp, path)
+    print(f"rollout_server: fault drill: {want}", flush=True)
+    return True
 
 
 SEED_STRIDE = 1_000_003
@@ -400,14 +487,19 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(service: RolloutService, host: str, port: int, token: str | None,
-          workers: int = 16) -> tuple[grpc.Server, int]:
+          workers: int = 16, tls: tuple[bytes, bytes] | None = None) -> tuple[grpc.Server, int]:
+    """Starts serving; `tls` (certificate chain, private key; PEM) turns on TLS."""
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", 4 * MAX_MESSAGE_BYTES),
                ("grpc.so_reuseport", 0)]
     server = grpc.server(cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
                          interceptors=[TokenCheck(token)] if token else [], options=options)
     pb_grpc.add_RolloutServicer_to_server(service, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls:
+        creds = grpc.ssl_server_credentials([(tls[1], tls[0])])
+        bound = server.add_secure_port(f"{host}:{port}", creds)
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
     server.start()

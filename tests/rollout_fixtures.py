@@ -41,3 +41,19 @@ def server_env() -> dict:
 
 def rows(array) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(array, dtype=np.float32))
+
+
+MAX_LEN = 1024
+
+
+def start_shared_server(tmp_path_factory):
+    """The session's server (conftest's `rollout_server`): the tiny Qwen2 above behind a token,
+    blocks of 32 tokens; yields (RolloutServerProcess, checkpoint dir)."""
+    from longrl_jax.rl.connection import RolloutServerProcess
+
+    path = write_served_qwen2(str(tmp_path_factory.mktemp("served") / "qwen2"))
+    log = str(tmp_path_factory.getbasetemp() / "rollout_server.log")
+    server = RolloutServerProcess(path, token=TOKEN, env=server_env(), log_path=log,
+                                  args=["--max-model-len", str(MAX_LEN), "--block-size", "32"])
+    with server:
+        yield server, path

@@ -3,13 +3,13 @@
 `RolloutClient(address)` talks to `python -m rollout_server`. Arrays travel as raw bytes with
 explicit dtype and shape. A weight update is one `UpdateWeights` call: on the same host the
 arrays are written once into a file in /dev/shm and only its table crosses gRPC; across hosts
-they stream in chunks. The client remembers the embeddings it sent (bounded in bytes) so that,
-after a server restart, a Generate that names a lost key re-sends it and retries once.
+they stream in chunks. The client keeps no state about the server (its weight version, the
+embeddings it holds): `connection.RolloutConnection` is the run's one record of those, and the one
+place that recovers from a failure. `ca_file` turns on TLS (the server's `--tls-cert`).
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import os
 import re
@@ -60,25 +60,24 @@ def _dtype_name(a: np.ndarray) -> str:
 
 
 class RolloutClient:
-    """A connection to one rollout server. It is the trainer's one record of what the server
-    holds: `weight_version` (the version of the last update it made or read) and the embeddings
-    it sent (kept, bounded in bytes, so that it can send them again to a restarted server)."""
+    """A connection to one rollout server: one method per RPC, errors as `RolloutError`."""
 
-    def __init__(self, address: str, token: str | None = None, *,
-                 timeout_s: float = 600.0, remember_embedding_bytes: int = 2 << 30):
+    def __init__(self, address: str, token: str | None = None, *, ca_file: str | None = None,
+                 timeout_s: float = 600.0):
         self.address = address
         self.timeout_s = timeout_s
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", 64 << 20)]
-        self._channel = grpc.insecure_channel(address, options=opts)
+        if ca_file:
+            with open(ca_file, "rb") as f:
+                creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+            self._channel = grpc.secure_channel(address, creds, options=opts)
+        else:
+            self._channel = grpc.insecure_channel(address, options=opts)
         self._stub = pb_grpc.RolloutStub(self._channel)
-        self._sent_keys: set[str] = set()     # what this server was sent
-        self._sent: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
-        self._sent_bytes = 0                   # of `_sent`: what can be sent again
         self._swept = False
-        self._remember = remember_embedding_bytes
-        self.weight_version = 0
+        self.last_computed_prompt_tokens = -1
 
     # ---- plumbing -------------------------------------------------------------------------------
 
@@ -122,11 +121,6 @@ class RolloutClient:
     def info(self) -> pb.InfoReply:
         return self._call(self._stub.Info, pb.InfoRequest())
 
-    def read_weight_version(self) -> int:
-        """Takes the serving weight version from the server (a fresh or unknown server)."""
-        self.weight_version = self.info().weight_version
-        return self.weight_version
-
     def shutdown(self) -> None:
         self._call(self._stub.Shutdown, pb.ShutdownRequest(), timeout=10)
 
@@ -145,31 +139,7 @@ class RolloutClient:
             for i in range(CHUNK_BYTES, len(raw), CHUNK_BYTES):
                 yield pb.EmbeddingChunk(data=bytes(raw[i:i + CHUNK_BYTES]))
 
-        reply = self._call(self._stub.PutEmbeddings, chunks())
-        self._sent_keys.add(key)
-        self._remember_embedding(key, array)
-        return reply.stored
-
-    def _remember_embedding(self, key: str, array: np.ndarray) -> None:
-        if key in self._sent:
-            self._sent.move_to_end(key)
-            return
-        size = array.nbytes
-        if size > self._remember:
-            return
-        while self._sent_bytes + size > self._remember:
-            _, old = self._sent.popitem(last=False)
-            self._sent_bytes -= old.nbytes
-        self._sent[key] = array
-        self._sent_bytes += size
-
-    def sent(self, key: str) -> bool:
-        """Whether the server was sent `key` (since it last started)."""
-        return key in self._sent_keys
-
-    def server_restarted(self) -> None:
-        """The server behind this address is a new process: it holds no embeddings."""
-        self._sent_keys.clear()
+        return self._call(self._stub.PutEmbeddings, chunks()).stored
 
     def has_embeddings(self, keys: Sequence[str]) -> list[bool]:
         return list(self._call(self._stub.HasEmbeddings, pb.HasEmbeddingsRequest(keys=list(keys))).present)
@@ -179,46 +149,30 @@ class RolloutClient:
     def generate(self, prompts, n: int = 1, max_tokens: int = 256, temperature: float = 1.0,
                  seed: int | None = None, *, top_p: float = 1.0, top_k: int = -1,
                  stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
-                 min_weight_version: int | None = None) -> list[list[Sample]]:
+                 min_weight_version: int = 0) -> list[list[Sample]]:
         """Samples `n` answers per prompt; returns, per prompt, a list of `Sample`.
 
         A prompt is a sequence of token ids, or a list of segments: token-id sequences and
         `EmbeddingRef`s (or bare keys) that the server splices in order. Samples from a weight
-        version below `min_weight_version` (default: the last version this client pushed) are
-        refused by the server and raise StaleWeightsError.
+        version below `min_weight_version` are refused by the server: StaleWeightsError.
         """
-        want = self.weight_version if min_weight_version is None else min_weight_version
         request = pb.GenerateRequest(
-            prompts=[_prompt(p) for p in prompts], min_weight_version=want,
+            prompts=[_prompt(p) for p in prompts], min_weight_version=min_weight_version,
             sampling=pb.SamplingOptions(n=n, max_tokens=max_tokens, temperature=temperature,
                                         top_p=top_p, top_k=top_k, seed=seed,
                                         stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos))
-        for attempt in range(2):
-            try:
-                reply = self._call(self._stub.Generate, request)
-                break
-            except RolloutError as e:
-                if e.code == grpc.StatusCode.FAILED_PRECONDITION:
-                    raise StaleWeightsError(e.code, str(e)) from None
-                if attempt or e.code != grpc.StatusCode.NOT_FOUND or not self._resend(request):
-                    raise
-        if reply.weight_version < want:
+        try:
+            reply = self._call(self._stub.Generate, request)
+        except RolloutError as e:
+            if e.code == grpc.StatusCode.FAILED_PRECONDITION:
+                raise StaleWeightsError(e.code, str(e)) from None
+            raise
+        if reply.weight_version < min_weight_version:
             raise StaleWeightsError(None, f"samples from weight version {reply.weight_version}, "
-                                          f"need >= {want}")
+                                          f"need >= {min_weight_version}")
         self.last_computed_prompt_tokens = reply.computed_prompt_tokens
         return [[Sample(list(s.token_ids), list(s.logprobs), s.finish_reason, reply.weight_version)
                  for s in c.samples] for c in reply.completions]
-
-    def _resend(self, request) -> bool:
-        """Re-sends remembered embeddings the server lost (a restart); False if one is unknown."""
-        keys = {seg.embedding.key for p in request.prompts for seg in p.segments
-                if seg.WhichOneof("kind") == "embedding"}
-        missing = [k for k, there in zip(keys, self.has_embeddings(list(keys))) if not there]
-        if not missing or any(k not in self._sent for k in missing):
-            return False
-        for k in missing:
-            self.put_embeddings(k, self._sent[k])
-        return True
 
     # ---- weights --------------------------------------------------------------------------------
 
@@ -260,7 +214,6 @@ class RolloutClient:
             reply = self._call(self._stub.UpdateWeights, _weight_chunks(header, arrays))
         else:
             raise ValueError(f"transport {transport!r}: use 'auto', 'shm' or 'stream'")
-        self.weight_version = reply.weight_version
         return reply
 
 

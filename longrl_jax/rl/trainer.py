@@ -339,7 +339,7 @@ def train(ctx: RunContext, connection, evaluator=None) -> dict:
         scalars = step_metrics(rollouts, rewards, batch.mask, old_logp,
                                server_logprobs(rollouts, old_logp.shape), ms, c)
         scalars.update({"rollout/weight_version": float(connection.version),
-                        "weight_sync/bytes": nbytes, **info})
+                        "weight_sync/bytes": nbytes, **info, **connection.counters()})
         scalars.update(ctx.timers.pop())
         if evaluator is not None and c.eval_every and (step % c.eval_every == 0
                                                        or step == c.steps):
