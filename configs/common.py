@@ -118,8 +118,12 @@ def rl_config(steps: int, prompts_per_step: int, group_size: int, lr: float, **k
 
 
 def rollout_config(max_model_len: int = 4096, dtype: str = "bfloat16", **kw):
-    """The rollout server: started by the trainer unless `address` names a running one."""
-    c = ml_collections.ConfigDict(dict(address="", token="", port=0, dtype=dtype,
+    """The rollout server: started by the trainer unless `address` names a running one.
+    With several processes: one server per host, started by the host's first process
+    (`server_per` "host"), or one per process ("process"); `addresses` ("h1:p1,h2:p2") names
+    running servers instead, one per host or per process in process order."""
+    c = ml_collections.ConfigDict(dict(address="", addresses="", server_per="host",
+                                       token="", port=0, dtype=dtype,
                                        max_model_len=max_model_len, block_size=0,
                                        kvcache_gib=4, cpu_threads_bind=""))
     c.update(kw)
@@ -130,6 +134,17 @@ def eval_config(num_examples: int = 0, max_tokens: int = 2048, temperature: floa
     """Held-out evaluation; temperature 0 is greedy (Long-RL validates at 0.5, n = 1)."""
     return ml_collections.ConfigDict(dict(num_examples=num_examples, max_tokens=max_tokens,
                                           temperature=temperature))
+
+
+def distributed_config(coordinator: str = "", num_processes: int = 1, process_id: int = 0):
+    """Several cooperating processes (`jax.distributed`): `coordinator` HOST:PORT of process 0
+    ("" = one process, unless Slurm, a TPU pod or JAX_COORDINATOR_ADDRESS say otherwise: jax
+    detects those itself), the process count and this process's id; `local_device_ids`
+    ("0,1") when several processes share a host's accelerators. A peer silent for
+    `heartbeat_timeout_s` stops the others with an error naming it."""
+    return ml_collections.ConfigDict(dict(coordinator=coordinator, num_processes=num_processes,
+                                          process_id=process_id, local_device_ids="",
+                                          init_timeout_s=300, heartbeat_timeout_s=20))
 
 
 def judge_config():
