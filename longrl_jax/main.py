@@ -209,8 +209,8 @@ def run_stages(ctx, progress: Progress) -> dict:
     if not {"rl", "eval"} & stages:
         return summary
     from longrl_jax.evaluate import Evaluator
-    from longrl_jax.rl.connection import RolloutConnection
-    connection = RolloutConnection(ctx.config, ctx.workdir, ctx.tokenizer_dir)
+    from longrl_jax.rl import process_connection
+    connection = process_connection.connect(ctx.config, ctx.workdir, ctx.tokenizer_dir)
     evaluator = Evaluator(ctx, connection)
     before = "sft" if "sft" in stages else "initial"
     try:

@@ -1,0 +1,261 @@
+"""Several cooperating processes (`jax.distributed`, issue 13), run for real on this machine:
+`configs/demo.py:quick` (SFT, RL, eval, export) as 2 processes x 4 fake CPU devices through
+`tools/launch_local.py` (gloo collectives, coordinator on 127.0.0.1) against the same command as
+1 process x 8 devices; a process SIGKILLed mid-RL and the rerun that resumes; the loader's
+per-process blocks; the start-up config checks.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from configs import demo
+from longrl_jax import hosts
+from longrl_jax.config_check import validate
+from longrl_jax.data import longvideo_reason as lvr
+from longrl_jax.data import synthetic
+from longrl_jax.rl.process_connection import server_plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import launch_local  # noqa: E402
+
+# Every run: the demo's quick config, an RL checkpoint at every step (so a kill resumes inside
+# RL), a rollout server per process (two servers on one machine).
+MAIN_ARGS = ["--config=configs/demo.py:quick", "--config.rl.checkpoint_every=1",
+             "--config.rollout.server_per=process"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Fast: config, process blocks, the loader.
+
+def test_distributed_overrides_are_checked():
+    c = demo.get_config("quick")
+    assert not validate(c)
+    with c.unlocked():
+        c.distributed.coordinator = "127.0.0.1"          # no port
+        c.distributed.num_processes = 2
+        c.distributed.process_id = 2                     # out of range
+        c.distributed.local_device_ids = "0,a"
+        c.rollout.server_per = "rack"
+    errs = "\n".join(validate(c))
+    for field in ("distributed.coordinator", "distributed.process_id",
+                  "distributed.local_device_ids", "rollout.server_per"):
+        assert f"config.{field}" in errs, errs
+
+
+def test_process_blocks_partition_any_draw():
+    for n in range(0, 40):
+        for k in (1, 2, 3, 4):
+            blocks = [hosts.share(n, p, k) for p in range(k)]
+            got = [i for b in blocks for i in range(n)[b]]
+            assert got == list(range(n))                   # in order, each once
+            assert max(b.stop - b.start for b in blocks) - \
+                min(b.stop - b.start for b in blocks) <= 1
+
+
+def test_server_plan():
+    r = demo.get_config("quick").rollout
+    names = ["a", "a", "b", "b"]
+    assert server_plan(r, names) == ([0, 0, 2, 2], ["", "", "", ""])      # one per host
+    with r.unlocked():
+        r.server_per = "process"
+    assert server_plan(r, names) == ([0, 1, 2, 3], ["", "", "", ""])
+    with r.unlocked():
+        r.server_per, r.addresses = "host", "h1:1,h2:2"
+    assert server_plan(r, names) == ([0, 0, 2, 2], ["h1:1", "h1:1", "h2:2", "h2:2"])
+    with r.unlocked():
+        r.addresses = "h1:1,h2:2,h3:3"
+    with pytest.raises(ValueError, match="one per process or one per host"):
+        server_plan(r, names)
+
+
+def test_loader_blocks_cover_an_epoch_once_and_resume(tmp_path):
+    """Two processes draw the same global examples (one seeded order) and each takes its block
+    of every draw, whatever the draw's size (refills after skipped videos or dynamic
+    sampling): over an epoch they see every example exactly once between them, and each
+    resumes from the saved state exactly where the uninterrupted run goes on."""
+    syn = tmp_path / "syn"
+    synthetic.generate(str(syn), num_train=24, num_eval=4, num_frames=32, size=32)
+    lvr.build_array_records(str(tmp_path / "tfds"), {"train": str(syn / "train.jsonl"),
+                                                     "eval": str(syn / "eval.jsonl")},
+                            str(syn / "videos"))
+    src = lvr.data_source(str(tmp_path / "tfds"), "train")
+    draws = [5, 3, 7, 1, 8]                  # 24 examples: one epoch
+
+    def run(process, state=None, sizes=draws):
+        it = iter(lvr.loader(src, seed=3, num_epochs=None, shard_index=0, shard_count=1))
+        if state is not None:
+            it.set_state(state)
+        seen, states = [], []
+        for m in sizes:
+            draw = [next(it).problem_id for _ in range(m)]
+            seen.append(draw[hosts.share(m, process, 2)])
+            states.append(it.get_state())
+        return seen, states
+
+    per = [run(p) for p in range(2)]
+    epoch = [x for p in range(2) for block in per[p][0] for x in block]
+    assert sorted(epoch) == sorted(f"train-{i}" for i in range(24))    # each exactly once
+    assert per[0][1] == per[1][1]           # one saved state serves every process
+    for p in range(2):
+        resumed, _ = run(p, per[p][1][1], draws[2:])
+        assert resumed == per[p][0][2:]
+
+
+# ------------------------------------------------------------------------------------------------
+# The runs.
+
+def _env(devices: int) -> dict:
+    env = launch_local.environment(devices)
+    env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    env.pop("JAX_COORDINATOR_ADDRESS", None)
+    return env
+
+
+def _run_single(workdir, timeout=1500):
+    r = subprocess.run([sys.executable, "-m", "longrl_jax.main", *MAIN_ARGS,
+                        f"--workdir={workdir}"], cwd=ROOT, env=_env(8), capture_output=True,
+                       text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def _start_pair(workdir):
+    """The two processes as tools/launch_local.py starts them, output to files."""
+    port = launch_local.free_port()
+    procs = []
+    for i, cmd in enumerate(launch_local.commands(2, [*MAIN_ARGS, f"--workdir={workdir}"],
+                                                  port)):
+        out = open(os.path.join(str(workdir) + f".p{i}.out"), "w")
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(4), stdout=out,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+    return procs
+
+
+def _wait(procs, timeout):
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(timeout=max(1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    return [p.returncode for p in procs]
+
+
+def _output(workdir, i):
+    with open(str(workdir) + f".p{i}.out") as f:
+        return f.read()
+
+
+def _weights(export_dir):
+    from safetensors.numpy import load_file
+    out = {}
+    for root, _, files in os.walk(export_dir):
+        for name in files:
+            if name.endswith(".safetensors"):
+                rel = os.path.relpath(os.path.join(root, name), export_dir)
+                out.update({f"{rel}:{k}": v for k, v in
+                            load_file(os.path.join(root, name)).items()})
+    return out
+
+
+def _max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a)
+
+
+def _log_lines(path, pattern):
+    with open(path) as f:
+        return [m.group(1) for m in (re.search(pattern, line) for line in f) if m]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(1 x 8 workdir, 2 x 4 workdir): the same command, the same seed."""
+    base = tmp_path_factory.mktemp("multihost")
+    one, two = base / "one", base / "two"
+    _run_single(one)
+    codes = _wait(_start_pair(two), 1500)
+    assert codes == [0, 0], _output(two, 0)[-3000:] + _output(two, 1)[-3000:]
+    return one, two
+
+
+def test_two_processes_train_what_one_does(runs):
+    """2 x 4 ends with the exported LLM (and tower, projector) of 1 x 8 within 1e-5, after
+    drawing the same examples at every step; the evaluation scores agree."""
+    one, two = runs
+    a, b = _weights(one / "export"), _weights(two / "export")
+    diff = _max_diff(a, b)
+    print(f"2x4 vs 1x8 exported weights: max abs diff {diff:.3g}, bit-exact "
+          f"{all(np.array_equal(a[k], b[k]) for k in a)}")
+    assert diff <= 1e-5
+    draws = [_log_lines(w / "run.log", r"context: prompts: (\[.*\])") for w in (one, two)]
+    assert draws[0] and draws[0] == draws[1]          # the same examples, draw by draw
+    sums = [json.load(open(w / "eval_summary.json")) for w in (one, two)]
+    for stage in ("sft", "rl"):
+        assert sums[0][stage]["n"] == sums[1][stage]["n"] == 16
+        assert sums[0][stage]["accuracy"] == sums[1][stage]["accuracy"]
+    # process 1 wrote none of the shared files; only process 0's copies exist
+    assert (two / "run.1.log").exists() and not list(two.glob("metrics*.jsonl"))[1:]
+
+
+def test_a_server_per_process_and_one_weight_version(runs):
+    """Two rollout servers, each serving its own process's prompts, report the same
+    weight_version after every sync (process 0's log records all of them)."""
+    _, two = runs
+    rows = [eval(x) for x in _log_lines(two / "run.log",                    # noqa: S307
+                                        r"rollout servers after sync: (\[.*\])")]
+    assert len(rows) >= 3                     # the start, then one sync per RL step
+    for row in rows:
+        assert [r["process"] for r in row] == [0, 1]
+        assert len({r["address"] for r in row}) == 2
+        assert len({r["weight_version"] for r in row}) == 1
+    assert [row[0]["weight_version"] for row in rows] == sorted(
+        row[0]["weight_version"] for row in rows)
+    assert all(r["prompts"] > 0 for r in rows[-1])       # both served prompts
+    metrics = [json.loads(x) for x in open(two / "metrics.jsonl")]
+    versions = [m["rollout/weight_version"] for m in metrics if m["stage"] == "rl"]
+    assert versions == sorted(versions) and len(versions) == 2
+
+
+def test_a_killed_process_stops_its_peer_and_the_rerun_resumes(runs, tmp_path):
+    """SIGKILL process 1 after the first RL step: process 0 exits non-zero within 60 s naming
+    it; the same two commands again resume and end with the uninterrupted run's weights."""
+    _, two = runs
+    work = tmp_path / "killed"
+    procs = _start_pair(work)
+    metrics = work / "metrics.jsonl"
+    deadline = time.monotonic() + 1500
+    while time.monotonic() < deadline:
+        if metrics.exists() and any(json.loads(x)["stage"] == "rl" for x in open(metrics)):
+            break
+        assert all(p.poll() is None for p in procs), _output(work, 0)[-3000:]
+        time.sleep(0.5)
+    else:
+        pytest.fail("RL never reached its first step")
+    os.kill(procs[1].pid, signal.SIGKILL)
+    killed = time.monotonic()
+    code = procs[0].wait(timeout=120)
+    took = time.monotonic() - killed
+    procs[1].wait()
+    out = _output(work, 0)
+    assert code != 0
+    assert took < 60, f"process 0 took {took:.0f} s to stop"
+    assert "process 1 of 2" in out, out[-3000:]
+
+    codes = _wait(_start_pair(work), 1500)
+    assert codes == [0, 0], _output(work, 0)[-3000:] + _output(work, 1)[-3000:]
+    assert "rl: resumed at step 1" in open(work / "run.log").read()
+    diff = _max_diff(_weights(two / "export"), _weights(work / "export"))
+    print(f"resumed vs uninterrupted 2x4: max abs diff {diff:.3g}")
+    assert diff <= 1e-5
