@@ -46,9 +46,9 @@ def initialize(d) -> bool:
     True when the run has several processes. `coordinator` "" means one process unless the
     environment names a cluster (`cluster_environment`), whose values jax reads itself.
 
-    On CPU the cross-process collectives are gloo's (XLA:CPU has none of its own). The
-    coordination service's heartbeat is shortened to `heartbeat_timeout_s`, so a process that
-    dies is noticed by the others in seconds, not after minutes."""
+    On CPU the cross-process collectives are gloo's (XLA:CPU has none of its own). A process
+    that dies is noticed by the others within `heartbeat_timeout_s` (`PeerWatch`), not after
+    the minutes a collective or jax's default heartbeat would wait."""
     if jax.distributed.is_initialized():
         return jax.process_count() > 1
     auto = cluster_environment()
@@ -61,11 +61,17 @@ def initialize(d) -> bool:
                   process_id=d.process_id)
     if d.local_device_ids:
         kw["local_device_ids"] = [int(i) for i in str(d.local_device_ids).split(",")]
+    # jax's own heartbeat is the backstop; `PeerWatch` names the lost peer first
     jax.distributed.initialize(initialization_timeout=int(d.init_timeout_s),
-                               heartbeat_timeout_seconds=int(d.heartbeat_timeout_s), **kw)
+                               heartbeat_timeout_seconds=2 * int(d.heartbeat_timeout_s), **kw)
     log.info("jax.distributed: process %d of %d (%s), %d local devices of %d",
              jax.process_index(), jax.process_count(), d.coordinator or auto,
              jax.local_device_count(), jax.device_count())
+    if jax.process_index():
+        # if process 0 dies, jax itself stops this one at once, blaming "the leader task"
+        print(f"longrl_jax: process {jax.process_index()} of {jax.process_count()}; the leader "
+              f"task of the distributed service is process 0 ({d.coordinator or auto})",
+              flush=True)
     return jax.process_count() > 1
 
 

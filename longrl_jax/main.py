@@ -276,7 +276,7 @@ def start_processes(config) -> "hosts.PeerWatch":
     d = config.get("distributed")
     if d is not None:
         hosts.initialize(d)
-    timeout = float(d.heartbeat_timeout_s) / 2 if d is not None else 10.0
+    timeout = float(d.heartbeat_timeout_s) if d is not None else 20.0
     return hosts.PeerWatch(timeout_s=timeout).start()
 
 
