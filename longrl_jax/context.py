@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from typing import Iterator
 
@@ -29,6 +30,7 @@ from longrl_jax.embedder import VideoEmbedder
 from longrl_jax.metrics import MetricWriter, Timers
 from longrl_jax.models import VLM
 from longrl_jax.parallel.mesh import Rules
+from longrl_jax.parallel.video_encoding import frame_axes
 from longrl_jax.rl.rewards import Judge
 
 log = logging.getLogger(__name__)
@@ -74,9 +76,12 @@ class RunContext:
         """The embedder for `num_frames` per video (0: the config's sampling), made once."""
         if num_frames not in self._embedders:
             model, mesh = self.encoder()
-            self._embedders[num_frames] = VideoEmbedder.from_config(
-                model, mesh, self.config, self.path("cache"), self.rules,
-                num_frames=num_frames)
+            e = VideoEmbedder.from_config(model, mesh, self.config, self.path("cache"),
+                                          self.rules, num_frames=num_frames)
+            if mesh is not self.mesh:    # chunks as the run's mesh would make them
+                axes = frame_axes(self.mesh, self.rules)
+                e.chunks_like = math.prod(self.mesh.shape[a] for a in axes)
+            self._embedders[num_frames] = e
         return self._embedders[num_frames]
 
     def prompts(self, examples, *, num_frames: int = 0) -> list[prompts_lib.Prompt]:
