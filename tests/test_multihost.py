@@ -28,9 +28,12 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import launch_local  # noqa: E402
 
 # Every run: the demo's quick config, an RL checkpoint at every step (so a kill resumes inside
-# RL), a rollout server per process (two servers on one machine).
+# RL), a rollout server per process (two servers on one machine), and DAPO's overlong penalty:
+# after 4 SFT steps every sample scores 0, so without it every advantage is 0 and the RL
+# update is Adam-normalised rounding noise (grad norm ~1e-5), which any change of reduction
+# order (gloo's, or another mesh) turns into different weights of the size of the update.
 MAIN_ARGS = ["--config=configs/demo.py:quick", "--config.rl.checkpoint_every=1",
-             "--config.rollout.server_per=process"]
+             "--config.rollout.server_per=process", "--config.rl.overlong_buffer=32"]
 
 
 # ------------------------------------------------------------------------------------------------
