@@ -237,7 +237,7 @@ def finish(ctx, summary: dict) -> dict:
     out = {k: {kk: vv for kk, vv in v.items() if kk != "samples"} for k, v in summary.items()}
     out["skipped_videos"] = ctx.skipped_videos()
     write_json(ctx.path("eval_summary.json"), out)
-    if os.path.exists(ctx.writer.path):
+    if hosts.is_main() and os.path.exists(ctx.writer.path):
         plot_run(ctx.writer.path, ctx.path("plot.png"))
     if "export" in ctx.config.stages:
         model = hosts.host_model(ctx.model)     # gathered by all; process 0 writes
