@@ -240,14 +240,20 @@ def _log_lines(path, pattern):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """(1 x 8 workdir, 2 x 4 workdir): the same command, the same seed."""
-    base = tmp_path_factory.mktemp("multihost")
-    one, two = base / "one", base / "two"
-    _run_single(one)
+def two_run(tmp_path_factory):
+    """The 2 x 4 workdir of an uninterrupted run."""
+    two = tmp_path_factory.mktemp("multihost") / "two"
     codes = _wait(_start_pair(two), 1500)
     assert codes == [0, 0], _output(two, 0)[-3000:] + _output(two, 1)[-3000:]
-    return one, two
+    return two
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, two_run):
+    """(1 x 8 workdir, 2 x 4 workdir): the same command, the same seed."""
+    one = tmp_path_factory.mktemp("multihost") / "one"
+    _run_single(one)
+    return one, two_run
 
 
 @pytest.mark.slow
@@ -271,10 +277,10 @@ def test_two_processes_train_what_one_does(runs):
 
 
 @pytest.mark.slow
-def test_a_server_per_process_and_one_weight_version(runs):
+def test_a_server_per_process_and_one_weight_version(two_run):
     """Two rollout servers, each serving its own process's prompts, report the same
     weight_version after every sync (process 0's log records all of them)."""
-    _, two = runs
+    two = two_run
     rows = [eval(x) for x in _log_lines(two / "run.log",                    # noqa: S307
                                         r"rollout servers after sync: (\[.*\])")]
     assert len(rows) >= 3                     # the start, then one sync per RL step
@@ -291,11 +297,11 @@ def test_a_server_per_process_and_one_weight_version(runs):
 
 
 @pytest.mark.slow
-def test_a_killed_process_stops_its_peer_and_the_rerun_resumes(runs, tmp_path):
+def test_a_killed_process_stops_its_peer_and_the_rerun_resumes(two_run, tmp_path):
     """SIGKILL process 1 once the first RL step is checkpointed: process 0 exits non-zero within
     60 s naming it; the same two commands again resume at that step and end with the
     uninterrupted run's weights."""
-    _, two = runs
+    two = two_run
     work = tmp_path / "killed"
     procs = _start_pair(work)
     step_one = work / "checkpoints" / "rl" / "1"     # committed (orbax renames when whole)
