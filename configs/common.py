@@ -120,8 +120,12 @@ def rl_config(steps: int, prompts_per_step: int, group_size: int, lr: float, **k
 def rollout_config(max_model_len: int = 4096, dtype: str = "bfloat16", **kw):
     """The rollout server: started by the trainer unless `address` names a running one (with
     `token`, and `ca_file` for TLS). A call that fails (the server died, wedged or broke) is
-    tried `max_attempts` times in all, the server restarted before each retry."""
-    c = ml_collections.ConfigDict(dict(address="", token="", ca_file="", port=0, dtype=dtype,
+    tried `max_attempts` times in all, the server restarted before each retry.
+    With several processes: one server per host, started by the host's first process
+    (`server_per` "host"), or one per process ("process"); `addresses` ("h1:p1,h2:p2") names
+    running servers instead, one per host or per process in process order."""
+    c = ml_collections.ConfigDict(dict(address="", addresses="", server_per="host",
+                                       token="", ca_file="", port=0, dtype=dtype,
                                        max_model_len=max_model_len, block_size=0,
                                        kvcache_gib=4, cpu_threads_bind="", max_attempts=4))
     c.update(kw)
@@ -135,6 +139,17 @@ def eval_config(num_examples: int = 0, max_tokens: int = 2048, temperature: floa
     frames per video instead of `data`'s sampling (longrl_jax/evaluate.py)."""
     return ml_collections.ConfigDict(dict(num_examples=num_examples, max_tokens=max_tokens,
                                           temperature=temperature, n=n, num_frames=num_frames))
+
+
+def distributed_config(coordinator: str = "", num_processes: int = 1, process_id: int = 0):
+    """Several cooperating processes (`jax.distributed`): `coordinator` HOST:PORT of process 0
+    ("" = one process, unless Slurm, a TPU pod or JAX_COORDINATOR_ADDRESS say otherwise: jax
+    detects those itself), the process count and this process's id; `local_device_ids`
+    ("0,1") when several processes share a host's accelerators. A peer silent for
+    `heartbeat_timeout_s` stops the others with an error naming it."""
+    return ml_collections.ConfigDict(dict(coordinator=coordinator, num_processes=num_processes,
+                                          process_id=process_id, local_device_ids="",
+                                          init_timeout_s=300, heartbeat_timeout_s=20))
 
 
 def judge_config():

@@ -52,4 +52,5 @@ def get_config(arg: str | None = None):
     c.rollout = common.rollout_config(max_model_len=512, dtype="float32", block_size=32,
                                       kvcache_gib=1)
     c.judge = common.judge_config()
+    c.distributed = common.distributed_config()
     return c

@@ -61,4 +61,5 @@ def get_config(arg: str | None = None):
                                       dtype="float32" if runlocal else "bfloat16",
                                       kvcache_gib=1 if runlocal else 40)
     c.judge = common.judge_config()
+    c.distributed = common.distributed_config()
     return c

@@ -275,9 +275,14 @@ def row_sharding(mesh, name: str, shape, rules: mesh_lib.Rules = mesh_lib.DEFAUL
 def place_rows(arrays: dict[str, np.ndarray], mesh,
                rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES, *, stacked: bool = False
                ) -> dict[str, jax.Array]:
-    """Per-row arrays onto the mesh (`row_sharding`)."""
-    return {name: jax.device_put(a, row_sharding(mesh, name, a.shape, rules, stacked=stacked))
-            for name, a in arrays.items()}
+    """Per-row arrays onto the mesh (`row_sharding`). With several processes each holds the
+    same global host arrays and places its own devices' slices (no cross-process check)."""
+    out = {}
+    for name, a in arrays.items():
+        sharding = row_sharding(mesh, name, a.shape, rules, stacked=stacked)
+        out[name] = jax.device_put(a, sharding) if sharding.is_fully_addressable else \
+            sequence.put_from_host(np.asarray(a), sharding)
+    return out
 
 
 def batch_shardings(mesh, batch_size: int, rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES

@@ -29,11 +29,14 @@ log = logging.getLogger(__name__)
 
 
 def save_params(model: VLM, directory: str) -> None:
+    """Every process calls it (orbax writes each process's shards); process 0 writes the
+    config."""
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "model_config.json"), "w") as f:
-        json.dump({"model": model.cfg.to_dict(), "scan_layers": model.llm.scan_layers}, f,
-                  indent=2)
+    if jax.process_index() == 0:
+        with open(os.path.join(directory, "model_config.json"), "w") as f:
+            json.dump({"model": model.cfg.to_dict(), "scan_layers": model.llm.scan_layers}, f,
+                      indent=2)
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(os.path.join(directory, "params"), nnx.to_pure_dict(nnx.state(model, nnx.Param)),
               force=True)
@@ -80,6 +83,11 @@ class CheckpointError(RuntimeError):
 
 class TrainCheckpointer:
     """Numbered checkpoints of (params, optimizer state, JSON extra), on orbax CheckpointManager.
+
+With several processes every process saves and restores together (orbax's multi-process
+checkpoints: each writes its own shards, process 0 the metadata and `extra`, which must be the
+same on every process: the data iterator's state is, since every process draws the same global
+examples).
 
     Restores go *in place* into a model and optimizer that already exist where training runs:
     the restore target is the current arrays' shapes, dtypes and shardings, so a sharded model is

@@ -16,6 +16,7 @@ from longrl_jax.parallel.sequence import STRATEGIES as SP_STRATEGIES
 from longrl_jax.rl.algorithms import AGG_MODES as AGGS
 from longrl_jax.rl.algorithms import ESTIMATORS
 from longrl_jax.rl.algorithms import KL_KINDS as KL_TYPES
+from longrl_jax.rl.process_connection import SERVER_PER
 
 STAGES = ("sft", "rl", "eval", "export")      # in the order a run does them
 ALGORITHMS = tuple(ESTIMATORS)
@@ -45,7 +46,27 @@ def validate(c) -> list[str]:
              "float32, bfloat16 or float16")
         need(c.eval.max_tokens > 0, "eval.max_tokens", "must be positive")
         need(c.rollout.max_attempts >= 1, "rollout.max_attempts", "must be >= 1")
+        need(c.rollout.get("server_per", "host") in SERVER_PER, "rollout.server_per",
+             " or ".join(SERVER_PER))
+    if "distributed" in c:
+        _check_distributed(c.distributed, need)
     return errs
+
+
+def _check_distributed(d, need) -> None:
+    """HOST:PORT of process 0, and a process id inside the count (absl overrides arrive as
+    strings and ints exactly as typed)."""
+    if d.coordinator:
+        host, _, port = d.coordinator.rpartition(":")
+        need(bool(host) and port.isdigit() and 0 < int(port) < 65536, "distributed.coordinator",
+             f"{d.coordinator!r} is not HOST:PORT")
+        need(d.num_processes >= 1, "distributed.num_processes", "must be >= 1")
+        need(0 <= d.process_id < max(d.num_processes, 1), "distributed.process_id",
+             f"must be in [0, num_processes={d.num_processes})")
+    ids = str(d.local_device_ids).replace(" ", "")
+    need(not ids or all(i.isdigit() for i in ids.split(",")), "distributed.local_device_ids",
+         f"{d.local_device_ids!r} is not a comma-separated list of device ids")
+    need(d.heartbeat_timeout_s >= 2, "distributed.heartbeat_timeout_s", "must be >= 2")
 
 
 def _check_data(c, need) -> None:

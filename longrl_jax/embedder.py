@@ -54,6 +54,10 @@ class VideoEmbedder:
         self._memory: dict[str, tuple[str, np.ndarray]] = {}
         self.computed = self.cached = 0
         self.failed: dict[str, str] = {}
+        # With several processes a process encodes its videos on its own devices; chunked as a
+        # mesh of this many frame devices would chunk them, each frame is computed in the same
+        # shapes, hence to the same bits, whatever the process count.
+        self.chunks_like: int | None = None
 
     @classmethod
     def from_config(cls, model, mesh, config, cache_dir: str, rules, *, num_frames: int = 0,
@@ -71,9 +75,12 @@ class VideoEmbedder:
 
         def compute():
             frames, idx = decode_frames(path, self.sampling, batch_frames=self.decode_batch)
+            chunk = self.frames_per_chunk
+            if self.chunks_like:
+                chunk = min(chunk, -(-len(frames) // self.chunks_like))
             out = video_lib.encode_video_sharded(self.model, frames, mesh=self.mesh,
-                                                 frames_per_chunk=self.frames_per_chunk,
-                                                 rules=self.rules, preprocess=self.preprocess)
+                                                 frames_per_chunk=chunk, rules=self.rules,
+                                                 preprocess=self.preprocess)
             return np.asarray(out, np.float32), idx
 
         try:

@@ -8,6 +8,13 @@ loaded), an interrupted stage continues from its last checkpoint.
 
 The terminal shows progress bars and a few lines per stage; everything libraries log at INFO
 (orbax, TFDS, our own modules) goes to WORKDIR/run.log.
+
+Several processes (`jax.distributed`; README "Several hosts"): every process runs this same
+command with `--config.distributed.coordinator=HOST:PORT --config.distributed.num_processes=N
+--config.distributed.process_id=I` (or under Slurm / on a TPU pod, where jax finds them itself).
+Only process 0 writes files the run shares (stages.json, metrics, TensorBoard, the plot,
+eval_summary.json, the export); checkpoints are saved by all together; each process logs to
+WORKDIR/run.log (process 0) or run.<I>.log.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import shutil
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from longrl_jax import hosts
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
                                           lock_config=True)
@@ -42,7 +51,10 @@ class Progress:
 
 
 def write_json(path: str, obj) -> None:
-    """`obj` as JSON at `path`, atomically: readers see the old file or the whole new one."""
+    """`obj` as JSON at `path`, atomically: readers see the old file or the whole new one.
+    Process 0 writes; the others have the same `obj` and write nothing."""
+    if not hosts.is_main():
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
@@ -52,7 +64,9 @@ def write_json(path: str, obj) -> None:
 def write_dir(path: str, fill) -> None:
     """`fill(tmp_dir)` writes a directory that then replaces `path`: a run killed while writing
     leaves the previous `path` (or none), never a half-written one; the next call sweeps what
-    it left beside it."""
+    it left beside it. Process 0 writes; `fill` runs there only."""
+    if not hosts.is_main():
+        return
     for stale in glob.glob(glob.escape(path) + ".tmp*") + glob.glob(glob.escape(path) + ".old*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp, old = f"{path}.tmp{os.getpid()}", f"{path}.old{os.getpid()}"
@@ -68,8 +82,9 @@ def write_dir(path: str, fill) -> None:
 # ================================================================================================
 
 def log_to_file(workdir: str) -> str:
-    """INFO and above from every logger into WORKDIR/run.log; the terminal keeps warnings."""
-    path = os.path.join(workdir, "run.log")
+    """INFO and above from every logger into WORKDIR/run.log (run.<I>.log for process I > 0);
+    the terminal keeps warnings."""
+    path = os.path.join(workdir, "run.log" if hosts.is_main() else f"run.{hosts.index()}.log")
     root = pylogging.getLogger()
     for h in root.handlers:
         h.setLevel(max(h.level, pylogging.WARNING))
@@ -101,10 +116,14 @@ def setup(config, workdir: str):
     from longrl_jax.metrics import MetricWriter, Timers
     from longrl_jax.prompts import Tokens
 
-    records, _, tok_dir = prepare_data(config, workdir)
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    if hosts.is_main():      # one writer of the shared workdir; the others wait, then read
+        records, _, tok_dir = prepare_data(config, workdir)
+        AutoTokenizer.from_pretrained(tok_dir).save_pretrained(os.path.join(workdir, "tokenizer"))
+    hosts.barrier("longrl_jax.main: data prepared")
+    if not hosts.is_main():
+        records, _, _ = prepare_data(config, workdir)
     tok_dir = os.path.join(workdir, "tokenizer")  # the run's own copy: export and serving use it
-    tokenizer.save_pretrained(tok_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     tokens = Tokens.of(tokenizer)
     model, mesh = build.build_model(config, video_token_id=tokens.video,
                                     separator_token_id=tokens.separator)
@@ -124,7 +143,9 @@ def setup(config, workdir: str):
 # ================================================================================================
 
 def say(line: str) -> None:
-    print(line, flush=True)
+    """A line on the terminal (process 0's: the others run the same stages)."""
+    if hosts.is_main():
+        print(line, flush=True)
 
 
 def load_final(ctx, stage: str) -> None:
@@ -188,8 +209,8 @@ def run_stages(ctx, progress: Progress) -> dict:
     if not {"rl", "eval"} & stages:
         return summary
     from longrl_jax.evaluate import Evaluator
-    from longrl_jax.rl.connection import RolloutConnection
-    connection = RolloutConnection(ctx.config, ctx.workdir, ctx.tokenizer_dir)
+    from longrl_jax.rl import process_connection
+    connection = process_connection.connect(ctx.config, ctx.workdir, ctx.tokenizer_dir)
     evaluator = Evaluator(ctx, connection)
     before = "sft" if "sft" in stages else "initial"
     try:
@@ -216,11 +237,12 @@ def finish(ctx, summary: dict) -> dict:
     out = {k: {kk: vv for kk, vv in v.items() if kk != "samples"} for k, v in summary.items()}
     out["skipped_videos"] = ctx.skipped_videos()
     write_json(ctx.path("eval_summary.json"), out)
-    if os.path.exists(ctx.writer.path):
+    if hosts.is_main() and os.path.exists(ctx.writer.path):
         plot_run(ctx.writer.path, ctx.path("plot.png"))
     if "export" in ctx.config.stages:
+        model = hosts.host_model(ctx.model)     # gathered by all; process 0 writes
         write_dir(ctx.path("export"), lambda d: hf.save_pretrained(
-            ctx.model, d, tokenizer_dir=ctx.tokenizer_dir))
+            model, d, tokenizer_dir=ctx.tokenizer_dir))
         say(f"[export] {ctx.path('export')}")
     ctx.writer.close()
     return out
@@ -232,11 +254,30 @@ def run(config, workdir: str) -> dict:
     errors = validate(config)
     if errors:
         raise SystemExit("longrl_jax.main: invalid config\n  " + "\n  ".join(errors))
+    watch = start_processes(config)
     os.makedirs(workdir, exist_ok=True)
-    say(f"longrl_jax: stages {', '.join(config.stages)}; log {log_to_file(workdir)}")
-    ctx = setup(config, workdir)
-    summary = run_stages(ctx, Progress(workdir))
-    return finish(ctx, summary)
+    say(f"longrl_jax: stages {', '.join(config.stages)}; log {log_to_file(workdir)}"
+        + (f"; {hosts.count()} processes" if hosts.count() > 1 else ""))
+    try:
+        ctx = setup(config, workdir)
+        summary = run_stages(ctx, Progress(workdir))
+        out = finish(ctx, summary)
+        hosts.barrier("longrl_jax.main: finished")
+    except BaseException:
+        watch.settle()        # a peer's death shows as a collective's error: name the peer
+        raise
+    watch.stop()
+    return out
+
+
+def start_processes(config) -> "hosts.PeerWatch":
+    """Joins the run's other processes (`config.distributed`) before anything touches a
+    device, and watches them: one that dies stops this one with an error naming it."""
+    d = config.get("distributed")
+    if d is not None:
+        hosts.initialize(d)
+    timeout = float(d.heartbeat_timeout_s) if d is not None else 20.0
+    return hosts.PeerWatch(timeout_s=timeout).start()
 
 
 def main(argv):
@@ -248,7 +289,7 @@ def main(argv):
         raise SystemExit(f"longrl_jax.main: {e}") from None
     brief = {k: {m: round(v[m], 3) for m in ("accuracy", "format") if m in v}
              for k, v in out.items() if isinstance(v, dict) and "accuracy" in v}
-    print(f"eval summary: {json.dumps(brief)}  ({_WORKDIR.value}/eval_summary.json)")
+    say(f"eval summary: {json.dumps(brief)}  ({_WORKDIR.value}/eval_summary.json)")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from longrl_jax import hosts
 from longrl_jax import metrics as metrics_lib
 from longrl_jax.batch import (
     SequenceBatch,
@@ -167,7 +168,7 @@ def logprobs_in_micro_batches(logprob_fn, models, video: StepVideo) -> list[np.n
             for g, model in zip(got, models):
                 g.append(logprob_fn(model, placed)[0])
         for out, g in zip(outs, got):
-            out[idx] = np.concatenate(jax.device_get(g))[:len(idx)]
+            out[idx] = np.concatenate(hosts.to_host(g))[:len(idx)]   # rows span processes
     return outs
 
 
