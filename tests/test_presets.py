@@ -9,7 +9,8 @@ from longrl_jax.models import VLM, ModelConfig, hf
 from longrl_jax.models.config import ConfigError
 
 
-@pytest.mark.parametrize("name", ["tiny", "qwen2_0_5b", "qwen2_1_5b", "longvila_r1_7b"])
+@pytest.mark.parametrize("name", ["tiny", "qwen2_0_5b", "qwen2_1_5b", "longvila_r1_7b",
+                                  "qwen2_5_vl_tiny", "qwen2_5_vl_3b", "qwen2_5_vl_7b"])
 def test_tables_cover_each_parameter_once(name):
     cfg = getattr(ModelConfig, name)()
     abstract = nnx.eval_shape(lambda: VLM(cfg, rngs=nnx.Rngs(0)))
@@ -18,9 +19,15 @@ def test_tables_cover_each_parameter_once(name):
                                   for paths, _, _ in hf.expand(fam, cfg) for p in paths)
     assert set(covered) == set(params)
     assert max(covered.values()) == 1
+    assert all(v.logical_axes is not None and len(v.logical_axes) == len(v.shape)
+               for v in params.values())
+    n = sum(v.size for v in params.values())
+    if name in ("qwen2_5_vl_3b", "qwen2_5_vl_7b"):   # released: a 669M tower; 3.75B / 8.29B
+        n_vision = sum(v.size for k, v in params.items() if k.startswith("vision_tower."))
+        assert 0.66e9 < n_vision < 0.68e9
+        assert (3.7e9 < n < 3.8e9) if name == "qwen2_5_vl_3b" else (8.2e9 < n < 8.35e9)
     # HF shapes implied by the table match transformers' conventions for a few known tensors.
     if name == "longvila_r1_7b":
-        n = sum(v.size for v in params.values())
         assert 7.5e9 < n < 8.5e9
         assert cfg.tokens_per_frame == 256
 

@@ -3,17 +3,15 @@ layouts (the hub's / transformers 5's `visual.*`, `model.layers.*`; transformers
 `model.visual.*`, `model.language_model.*`); the export is what transformers 5 writes and loads
 in transformers with identical logits; presets and configs."""
 
-import collections
 import json
 
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 from hf_fixtures import qwen2_5_vl_hf, video_inputs, write_transformers4_layout
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from longrl_jax.models import VLM, ModelConfig, hf
+from longrl_jax.models import ModelConfig, hf
 from longrl_jax.models.config import ConfigError
 
 
@@ -89,24 +87,6 @@ def test_missing_tensor_is_named(tmp_path):
     save_file(sd, str(tmp_path / "src" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(hf.CheckpointError, match=r"missing tensor 'blocks\.1\.attn\.qkv\.weight'"):
         hf.load_pretrained(str(tmp_path / "src"))
-
-
-@pytest.mark.parametrize("name", ["qwen2_5_vl_tiny", "qwen2_5_vl_3b", "qwen2_5_vl_7b"])
-def test_tables_cover_each_parameter_once(name):
-    cfg = getattr(ModelConfig, name)()
-    abstract = nnx.eval_shape(lambda: VLM(cfg, rngs=nnx.Rngs(0)))
-    params = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(abstract))}
-    covered = collections.Counter(p for fam in hf.families_of(cfg)
-                                  for paths, _, _ in hf.expand(fam, cfg) for p in paths)
-    assert set(covered) == set(params)
-    assert max(covered.values()) == 1
-    assert all(v.logical_axes is not None and len(v.logical_axes) == len(v.shape)
-               for v in params.values())
-    n_vision = sum(v.size for k, v in params.items() if k.startswith("vision_tower."))
-    n = sum(v.size for v in params.values())
-    if name != "qwen2_5_vl_tiny":   # released sizes: a 669M tower; 3.75B and 8.29B in all
-        assert 0.66e9 < n_vision < 0.68e9
-        assert (3.7e9 < n < 3.8e9) if name == "qwen2_5_vl_3b" else (8.2e9 < n < 8.35e9)
 
 
 def test_invalid_configs_are_named():
