@@ -147,16 +147,14 @@ def _video_path(rel: object, video_dir: str) -> str:
     return path
 
 
-def parse_row(line: str | dict, video_dir: str, *, check_videos: bool = True,
+def parse_row(row: str | dict, video_dir: str, *, check_videos: bool = True,
               index: int = 0) -> Example:
-    """One validated Example, or RowError with the reason."""
-    if isinstance(line, str):
+    """One validated Example, or RowError with the reason; `row` is a dict or its JSON line."""
+    if isinstance(row, str):
         try:
-            row = json.loads(line)
+            row = json.loads(row)
         except json.JSONDecodeError as e:
             raise RowError(f"malformed JSON ({e.msg} at column {e.colno})") from None
-    else:
-        row = line
     if not isinstance(row, dict):
         raise RowError(f"row is a JSON {type(row).__name__}, not an object")
     for field in ("problem", "answer", "videos"):
