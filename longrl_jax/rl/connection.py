@@ -78,6 +78,11 @@ class RolloutConnection:
     def client(self) -> RolloutClient:
         return self.server.client
 
+    def follow(self, version: int) -> None:
+        """Serve `version`, pushed to the server by another process that owns it (several
+        processes sharing one server): samples must come from it."""
+        self.version = self._served = version
+
     def counters(self) -> dict[str, float]:
         """Run totals, for the metrics."""
         return {"rollout/server_restarts": float(self.server_restarts),

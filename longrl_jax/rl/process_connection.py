@@ -137,7 +137,7 @@ class ProcessConnection:
         hosts.barrier(f"rollout: {when}")         # the owners' updates are done
         version = self.inner.client.info().weight_version
         if not self.owner:                        # the owner pushed it; samples must come from it
-            self.inner.version = self.inner._served = version
+            self.inner.follow(version)
         seen = hosts.allgather_objects((self.inner.server.address, version, self.prompts_sent))
         log.info("rollout servers after %s: %s", when,
                  [{"process": p, "address": a, "weight_version": v, "prompts": k}
