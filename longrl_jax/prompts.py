@@ -44,6 +44,11 @@ class Prompt:
     layout: SpliceLayout        # the prompt with the video's rows spliced in
     video_key: str              # names the embedding on the server and in the cache
     video: np.ndarray           # [F * tokens_per_frame, D] video rows
+    # Qwen2.5-VL (M-RoPE) only: the video's grid in patch units, as transformers' and vLLM's
+    # `video_grid_thw` (rows = t * h * w / merge^2), and seconds per temporal patch. None for
+    # LongVILA (1-D RoPE). The embedder fills them; positions and the rollout request read them.
+    video_grid_thw: tuple[int, int, int] | None = None
+    second_per_grid_t: float | None = None
 
 
 def prompt_ids(tokenizer, example: Example, thinking: bool = True) -> np.ndarray:
